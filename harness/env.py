@@ -1,0 +1,85 @@
+"""Seeds, determinism switches and the environment fingerprint: set in ONE place and recorded.
+
+Model files never seed anything; entry points and the harness call :func:`seed_all` and store
+:func:`fingerprint` next to every result.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FRAMEWORKS = ("numpy", "scipy", "sklearn", "pandas", "torch", "tensorflow", "tensorflow_probability", "tf_keras")
+
+
+def seed_all(seed: int, *, deterministic: bool = True) -> dict[str, Any]:
+    """Seed python, numpy and torch (if imported) and switch torch to deterministic, TF32-free math.
+
+    TensorFlow's graph-level seed belongs to the reference's own ``tf.Graph`` (set from the config),
+    so nothing global is touched on the TF side. Returns the switches as set, for the record.
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    flags: dict[str, Any] = {"seed": seed}
+    if "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(seed)
+        torch.use_deterministic_algorithms(deterministic, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if torch.cuda.is_available():
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        flags.update(torch_deterministic=deterministic, torch_tf32=False)
+    return flags
+
+
+def git_commit(root: Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root or Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
+        )
+        commit = out.stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root or Path(__file__).resolve().parent,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return (commit + ("+dirty" if dirty else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def fingerprint() -> dict[str, Any]:
+    """Versions of the frameworks already imported (never imports TF just to report it), device, threads."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": git_commit(),
+    }
+    for name in FRAMEWORKS:
+        if name in sys.modules or name in ("numpy",):
+            mod = importlib.import_module(name)
+            info[f"version.{name}"] = getattr(mod, "__version__", "?")
+    if "torch" in sys.modules:
+        import torch
+
+        info["torch.num_threads"] = torch.get_num_threads()
+        info["torch.cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+        info["torch.tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
+        info["torch.tf32_cudnn"] = torch.backends.cudnn.allow_tf32
+        info["torch.deterministic"] = torch.are_deterministic_algorithms_enabled()
+    if "tensorflow" in sys.modules:
+        tf = sys.modules["tensorflow"]
+        info["tf.gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
+        info["tf.tf32"] = tf.config.experimental.tensor_float_32_execution_enabled()
+        info["tf.legacy_keras"] = os.environ.get("TF_USE_LEGACY_KERAS")
+    return info

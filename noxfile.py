@@ -1,0 +1,69 @@
+"""Pinned environments of the parity suite; every session installs only from constraints.txt.
+
+    nox -s parity          # the main job: port vs TF reference (offline, CPU, minutes)
+    nox -s tests           # the pytest suite (what CI runs)
+    nox -s tests_notf      # torch-only environment: TF-dependent tests skip with one line each
+    nox -s bench           # pytest-benchmark timings (per-step, both sides) -> results/bench/
+
+Environments are reused between runs (``reuse_venv``); a changed constraints.txt reinstalls.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_venv = "yes"
+nox.options.error_on_missing_interpreters = False
+
+PYTHON = "3.11"
+CONSTRAINTS = ("-c", "constraints.txt")
+ENV = {"TF_USE_LEGACY_KERAS": "1", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONHASHSEED": "0"}
+SHARED_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data")
+
+
+def _install(session: nox.Session, extras: str) -> None:
+    """Editable install of the suite with the given extras, everything pinned by constraints.txt."""
+    session.install(*CONSTRAINTS, "-e", f".[{extras}]")
+    session.run("python", "-m", "harness.versions", env=ENV)
+
+
+def _env() -> dict[str, str]:
+    env = dict(ENV)
+    if "PARITY_DATA_DIR" not in os.environ and os.path.isdir(SHARED_DATA):
+        env["PARITY_DATA_DIR"] = os.path.abspath(SHARED_DATA)
+    return env
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Full suite: torch + TensorFlow 2.21 / tf-keras / TFP 0.25 (Keras 2 via TF_USE_LEGACY_KERAS=1)."""
+    _install(session, "torch,tf,test")
+    session.run("pytest", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON)
+def tests_notf(session: nox.Session) -> None:
+    """Torch-only environment: proves the suite works where TensorFlow is not installed."""
+    _install(session, "torch,test")
+    session.run("pytest", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON)
+def parity(session: nox.Session) -> None:
+    """The main job: port vs reference on the same weights and noise; ``-- --help`` for options."""
+    _install(session, "torch,tf,test")
+    session.run("python", "-m", "harness.parity", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Per-step timings of both sides (pytest-benchmark), stored under results/bench/."""
+    _install(session, "torch,tf,test")
+    os.makedirs("results/bench", exist_ok=True)
+    session.run(
+        "pytest", "benchmarks", "--benchmark-only", "--benchmark-enable", "-p", "no:cacheprovider",
+        "--benchmark-json=results/bench/latest.json", *session.posargs, env=_env(),
+    )

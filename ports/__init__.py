@@ -1,0 +1,1 @@
+"""PyTorch ports, faithful by default to the original TF behaviour as executed."""

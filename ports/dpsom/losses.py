@@ -1,0 +1,112 @@
+"""DPSOM loss terms (specs/dpsom.md §5), one pure function each, with the original's reductions.
+
+Names follow the original code (``loss_reconstruction_ze``, ``loss_commit``, ``loss_som``,
+``loss_a``); the paper's names are in the docstrings. Stop-gradients are where the original puts
+them: L_SOM and the SOM-initialisation loss train the embeddings only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import DPSOMConfig
+from .model import student_t_q, z_dist_flat
+
+
+def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
+    """``-(1/B) Σ_i Σ_p [x log σ(l) + (1-x) log(1-σ(l))]``: sum over pixels, mean over batch.
+
+    Written as TFP evaluates Bernoulli.log_prob: ``x·softplus(-l) + (1-x)·softplus(l)``.
+    """
+    per_pixel = x * F.softplus(-logits) + (1.0 - x) * F.softplus(logits)
+    return per_pixel.flatten(1).sum(1).mean()
+
+
+def kl_posterior_prior(mu: Tensor, scale_tril: Tensor, prior_std: float) -> Tensor:
+    """KL(N(mu, L Lᵀ) ‖ N(0, s² I)) averaged over the batch (analytic, as TFP):
+
+    ``½ [‖L‖_F²/s² + ‖mu‖²/s² − D + 2D ln s − 2 Σ_d ln L_dd]``.
+    """
+    d = mu.shape[-1]
+    s2 = prior_std**2
+    log_det = torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)).sum(-1)
+    kl = 0.5 * (scale_tril.square().sum((-2, -1)) / s2 + mu.square().sum(-1) / s2 - d + 2 * d * math.log(prior_std)) - log_det
+    return kl.mean()
+
+
+def loss_commit(p: Tensor, q: Tensor) -> Tensor:
+    """Clustering loss (paper: KL(P‖Q), CAH): ``(1/B) Σ_i Σ_j p_ij log(p_ij / q_ij)``, no clipping."""
+    return (p * torch.log(p / q)).sum(1).mean()
+
+
+def _neighbour_maps(values: Tensor, som_dim: tuple[int, int]) -> tuple[Tensor, ...]:
+    """Values at the up/down/right/left torus neighbours of every node, flattened row-major.
+
+    up = (r+1) mod R, down = (r-1) mod R, right = (c+1) mod C, left = (c-1) mod C.
+    """
+    grid = values.reshape(values.shape[0], *som_dim, *values.shape[2:])
+    shifted = (
+        torch.roll(grid, -1, dims=1),  # value at r+1
+        torch.roll(grid, 1, dims=1),  # value at r-1
+        torch.roll(grid, -1, dims=2),  # value at c+1
+        torch.roll(grid, 1, dims=2),  # value at c-1
+    )
+    return tuple(s.reshape(values.shape) for s in shifted)
+
+
+def loss_som(q: Tensor, q_ng: Tensor, som_dim: tuple[int, int]) -> Tensor:
+    """SOM neighbourhood loss (paper: S-SOM): ``-(1/B) Σ_i Σ_j sg(q_ij) Σ_{e∈N(j)} log q_ng,ie``.
+
+    ``q_ng`` is q computed from sg(z), so the gradient reaches the embeddings only. No epsilon in the log.
+    """
+    log_neighbours = sum(torch.log(n) for n in _neighbour_maps(q_ng, som_dim))
+    return -(q.detach() * log_neighbours).sum(1).mean()
+
+
+def neighbour_nodes(k: Tensor, som_dim: tuple[int, int]) -> Tensor:
+    """[B, 5] flat indices of (self, up, down, right, left) on the torus."""
+    rows, cols = som_dim
+    r, c = k // cols, k % cols
+    return torch.stack(
+        [k, ((r + 1) % rows) * cols + c, ((r - 1) % rows) * cols + c, r * cols + (c + 1) % cols, r * cols + (c - 1) % cols],
+        dim=1,
+    )
+
+
+def loss_som_init(z: Tensor, embeddings_flat: Tensor, k: Tensor, som_dim: tuple[int, int]) -> dict[str, Tensor]:
+    """Classic-SOM initialisation loss ``L_a = L_som_s + L_commit_s`` (embeddings only, sg on z).
+
+    ``L_commit_s = mean_{i,d} (sg z_i - m_{k_i})²`` over B·D; ``L_som_s`` the same over the node and its
+    4 torus neighbours, a mean over B·5·D.
+    """
+    zs = z.detach()
+    commit = (zs - embeddings_flat[k]).square().mean()
+    som = (zs.unsqueeze(1) - embeddings_flat[neighbour_nodes(k, som_dim)]).square().mean()
+    return {"loss.som_init.commit": commit, "loss.som_init.som": som, "loss.som_init": som + commit}
+
+
+def target_distribution(q: Tensor) -> Tensor:
+    """DEC target ``p_ij = (q_ij²/f_j) / Σ_j' (q_ij'²/f_j')``, ``f_j = Σ_i q_ij`` over the whole set."""
+    weight = q.square() / q.sum(0)
+    return weight / weight.sum(1, keepdim=True)
+
+
+def elbo_terms(cfg: DPSOMConfig, out: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
+    """``L_ELBO = NLL + prior · KL_VAE`` (encoder + decoder)."""
+    nll = bernoulli_nll(out["decoder.logits"], x)
+    kl = kl_posterior_prior(out["posterior.mu"], out["posterior.scale_tril"], cfg.prior_var)
+    return {"loss.elbo.nll": nll, "loss.elbo.kl": kl, "loss.elbo": nll + cfg.prior * kl}
+
+
+def joint_terms(cfg: DPSOMConfig, out: dict[str, Tensor], x: Tensor, p: Tensor, embeddings_flat: Tensor) -> dict[str, Tensor]:
+    """``L = θ·L_ELBO + γ·L_KL + β·L_SOM`` with every term."""
+    terms = elbo_terms(cfg, out, x)
+    q_ng = student_t_q(z_dist_flat(out["z"].detach(), embeddings_flat), cfg.alpha, cfg.q_epsilon)
+    terms["loss.kl_pq"] = loss_commit(p, out["som.q"])
+    terms["loss.som"] = loss_som(out["som.q"], q_ng, cfg.som_dim)
+    terms["loss.total"] = cfg.theta * terms["loss.elbo"] + cfg.gamma * terms["loss.kl_pq"] + cfg.beta * terms["loss.som"]
+    return terms

@@ -1,0 +1,294 @@
+"""DPSOM in PyTorch, faithful to the original TensorFlow graph as executed.
+
+Paper: Manduchi et al., "DPSOM: Deep Probabilistic Clustering with Self-Organizing Maps",
+arXiv 1910.01590 (CHIL 2021 for T-DPSOM). Original code: github ratschlab/dpsom,
+``dpsom/DPSOM_model.py`` at eb41e7d (model state of 8e3cddc). Reference: ``reference_tf/dpsom``.
+
+What "faithful" means here (specs/dpsom.md §1, §3, §4):
+
+* BatchNormalization is a frozen affine map ``gamma * (x - 0) / sqrt(1 + 1e-3) + beta``: the original
+  never sets Keras' learning phase, so BN runs in inference mode with moving statistics that never
+  change. It comes *after* the LeakyReLU (and after the inert dropout).
+* Dropout(0.4) is declared by the original but never fires, so it is absent here.
+* The posterior is a full-covariance Gaussian: a ``D + D(D+1)/2`` head filled into a lower-triangular
+  scale in TFP's ``fill_triangular`` order, diagonal ``softplus + 1e-5``.
+* The dense decoder applies LeakyReLU(0.2) to the Bernoulli logits; the conv decoder's first Dense
+  has LeakyReLU and is reshaped channels-last.
+* Keras initialisers: Glorot-uniform kernels, zero biases, BN gamma 1 / beta 0, embeddings from a
+  truncated normal (sd 0.05, cut at 2 sd).
+
+Deviations are explicit config switches (``bn_mode="batch_stats"``); none is on by default.
+``forward`` returns every named intermediate in canonical (TF/NHWC) layout, in execution order.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from harness.transplant import canonical_to_torch, check_weights, load_table, torch_to_canonical
+
+from .config import EMBEDDING_INIT_STDDEV, TRIL_DIAG_SHIFT, DPSOMConfig
+
+
+def _glorot(module: nn.Module) -> nn.Module:
+    """Keras defaults: Glorot-uniform kernel (torch's fan rules agree for Linear/Conv/ConvTranspose), zero bias."""
+    nn.init.xavier_uniform_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+class FrozenBatchNorm(nn.Module):
+    """Keras BatchNormalization as the original executes it.
+
+    ``frozen_affine`` (default): inference mode always, ``y = x * inv + (beta - mean * inv)`` with
+    ``inv = gamma / sqrt(moving_variance + eps)`` (the form of ``tf.nn.batch_normalization``); the
+    moving statistics stay 0 / 1. ``batch_stats``: a declared deviation (the public port's "fix"):
+    batch statistics in training mode, Keras momentum 0.99 for the moving statistics.
+    """
+
+    def __init__(self, features: int, eps: float, mode: str, channel_dim: int = -1) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(features))
+        self.beta = nn.Parameter(torch.zeros(features))
+        self.register_buffer("moving_mean", torch.zeros(features))
+        self.register_buffer("moving_variance", torch.ones(features))
+        self.eps, self.mode, self.channel_dim = eps, mode, channel_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.mode == "batch_stats":
+            return F.batch_norm(
+                x, self.moving_mean, self.moving_variance, self.gamma, self.beta,
+                training=self.training, momentum=0.01, eps=self.eps,
+            )
+        shape = [1] * x.dim()
+        shape[self.channel_dim] = -1
+        inv = self.gamma * torch.rsqrt(self.moving_variance + self.eps)
+        return x * inv.view(shape) + (self.beta - self.moving_mean * inv).view(shape)
+
+
+def fill_triangular_indices(n: int) -> np.ndarray:
+    """Index into ``r`` (length n(n+1)/2) for each entry of TFP's lower ``fill_triangular``; -1 above.
+
+    TFP reshapes the concatenation ``[r[n:], reverse(r)]`` to n x n and keeps the lower triangle:
+    for n = 3, r = (1..6) the rows are (4), (6, 5), (3, 2, 1).
+    """
+    m = n * (n + 1) // 2
+    order = np.concatenate([np.arange(n, m), np.arange(m)[::-1]]).reshape(n, n)
+    return np.where(np.tril(np.ones((n, n), dtype=bool)), order, -1)
+
+
+class TriLPosterior(nn.Module):
+    """``tfp.layers.MultivariateNormalTriL(D)``: head -> (mu, L) with L = FillScaleTriL(r)."""
+
+    def __init__(self, in_features: int, latent_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+        self.head = _glorot(nn.Linear(in_features, latent_dim + latent_dim * (latent_dim + 1) // 2))
+        idx = fill_triangular_indices(latent_dim)
+        n_entries = latent_dim * (latent_dim + 1) // 2
+        # Upper-triangle positions read a zero appended after r.
+        self.register_buffer("tril_index", torch.from_numpy(np.where(idx < 0, n_entries, idx).reshape(-1)), persistent=False)
+
+    def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        d = self.latent_dim
+        head = self.head(h)
+        mu, raw = head[:, :d], head[:, d:]
+        padded = F.pad(raw, (0, 1))
+        filled = padded[:, self.tril_index].view(-1, d, d)
+        diag = F.softplus(torch.diagonal(filled, dim1=-2, dim2=-1)) + TRIL_DIAG_SHIFT
+        scale_tril = torch.tril(filled, diagonal=-1) + torch.diag_embed(diag)
+        return head, mu, scale_tril
+
+
+class SOM(nn.Module):
+    """The R x C grid of D-dimensional embeddings (flat index k = r * C + c, row-major)."""
+
+    def __init__(self, som_dim: tuple[int, int], latent_dim: int) -> None:
+        super().__init__()
+        self.som_dim = tuple(som_dim)
+        sd = EMBEDDING_INIT_STDDEV
+        self.embeddings = nn.Parameter(nn.init.trunc_normal_(torch.empty(*som_dim, latent_dim), std=sd, a=-2 * sd, b=2 * sd))
+
+    def flat(self) -> Tensor:
+        return self.embeddings.reshape(-1, self.embeddings.shape[-1])
+
+
+def z_dist_flat(z: Tensor, embeddings_flat: Tensor) -> Tensor:
+    """``d_ij = sum_d (z_id - m_jd)^2`` by broadcasting, as the original (not the |a|^2 - 2ab + |b|^2 trick)."""
+    return (z.unsqueeze(1) - embeddings_flat.unsqueeze(0)).square().sum(-1)
+
+
+def student_t_q(z_dist: Tensor, alpha: float, eps: float) -> Tensor:
+    """``q_ij ∝ (1 + d_ij/alpha)^(-(alpha+1)/2) + eps``, eps added before normalising (Keras epsilon)."""
+    t = 1.0 / (1.0 + z_dist / alpha)
+    t = t.pow((alpha + 1.0) / 2.0) + eps
+    return t / t.sum(dim=1, keepdim=True)
+
+
+class DenseEncoder(nn.Module):
+    """Dense+LeakyReLU -> (Dropout, inert) -> BN*, three times; the linear head lives in the posterior."""
+
+    def __init__(self, cfg: DPSOMConfig) -> None:
+        super().__init__()
+        dims = (cfg.n_pixels, *cfg.dense_enc_dims)
+        for i in range(len(cfg.dense_enc_dims)):
+            setattr(self, f"fc{i + 1}", _glorot(nn.Linear(dims[i], dims[i + 1])))
+            setattr(self, f"bn{i + 1}", FrozenBatchNorm(dims[i + 1], cfg.bn_epsilon, cfg.bn_mode))
+        self.n_blocks, self.slope = len(cfg.dense_enc_dims), cfg.leaky_relu_slope
+
+    def forward(self, x: Tensor, out: dict[str, Tensor]) -> Tensor:
+        h = x.reshape(x.shape[0], -1)
+        for i in range(1, self.n_blocks + 1):
+            h = out[f"encoder.fc{i}"] = F.leaky_relu(getattr(self, f"fc{i}")(h), self.slope)
+            h = out[f"encoder.bn{i}"] = getattr(self, f"bn{i}")(h)
+        return h
+
+
+class DenseDecoder(nn.Module):
+    """Dense+LeakyReLU -> BN*, three times, then Dense(784) + LeakyReLU = the Bernoulli logits."""
+
+    def __init__(self, cfg: DPSOMConfig) -> None:
+        super().__init__()
+        dims = (cfg.latent_dim, *reversed(cfg.dense_enc_dims))
+        for i in range(len(cfg.dense_enc_dims)):
+            setattr(self, f"fc{i + 1}", _glorot(nn.Linear(dims[i], dims[i + 1])))
+            setattr(self, f"bn{i + 1}", FrozenBatchNorm(dims[i + 1], cfg.bn_epsilon, cfg.bn_mode))
+        self.n_blocks, self.slope, self.image_shape = len(cfg.dense_enc_dims), cfg.leaky_relu_slope, cfg.image_shape
+        setattr(self, f"fc{self.n_blocks + 1}", _glorot(nn.Linear(dims[-1], cfg.n_pixels)))
+
+    def forward(self, z: Tensor, out: dict[str, Tensor]) -> Tensor:
+        h = z
+        for i in range(1, self.n_blocks + 1):
+            h = out[f"decoder.fc{i}"] = F.leaky_relu(getattr(self, f"fc{i}")(h), self.slope)
+            h = out[f"decoder.bn{i}"] = getattr(self, f"bn{i}")(h)
+        logits = F.leaky_relu(getattr(self, f"fc{self.n_blocks + 1}")(h), self.slope)
+        out["decoder.logits"] = logits = logits.view(-1, *self.image_shape)
+        return logits
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.permute(0, 2, 3, 1)
+
+
+class ConvEncoder(nn.Module):
+    """x - 0.5 -> [Conv3x3 same + LeakyReLU -> BN* (-> MaxPool2)] x 4 -> NHWC flatten."""
+
+    def __init__(self, cfg: DPSOMConfig) -> None:
+        super().__init__()
+        chans = (cfg.image_shape[-1], *cfg.conv_channels)
+        for i in range(4):
+            setattr(self, f"conv{i + 1}", _glorot(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1)))
+            setattr(self, f"bn{i + 1}", FrozenBatchNorm(chans[i + 1], cfg.bn_epsilon, cfg.bn_mode, channel_dim=1))
+        self.slope = cfg.leaky_relu_slope
+
+    def forward(self, x: Tensor, out: dict[str, Tensor]) -> Tensor:
+        h = x - 0.5
+        out["encoder.input"] = h
+        h = h.permute(0, 3, 1, 2)
+        for i in range(1, 5):
+            h = F.leaky_relu(getattr(self, f"conv{i}")(h), self.slope)
+            out[f"encoder.conv{i}"] = _nhwc(h)
+            h = getattr(self, f"bn{i}")(h)
+            out[f"encoder.bn{i}"] = _nhwc(h)
+            if i <= 2:
+                h = F.max_pool2d(h, 2)
+                out[f"encoder.pool{i}"] = _nhwc(h)
+        h = out["encoder.flatten"] = _nhwc(h).reshape(h.shape[0], -1)  # channels-last, as TF
+        return h
+
+
+class ConvDecoder(nn.Module):
+    """Dense+LeakyReLU -> NHWC reshape -> [ConvT3x3 + LeakyReLU -> BN* (-> Upsample2)] x 3 -> Conv3x3 linear."""
+
+    def __init__(self, cfg: DPSOMConfig) -> None:
+        super().__init__()
+        h, w, c = cfg.conv_feature_shape
+        self.feature_shape, self.slope = (h, w, c), cfg.leaky_relu_slope
+        self.fc1 = _glorot(nn.Linear(cfg.latent_dim, h * w * c))
+        chans = tuple(reversed(cfg.conv_channels))  # 256, 128, 64, 32
+        for i in range(3):
+            setattr(self, f"deconv{i + 1}", _glorot(nn.ConvTranspose2d(chans[i], chans[i + 1], 3, padding=1)))
+            setattr(self, f"bn{i + 1}", FrozenBatchNorm(chans[i + 1], cfg.bn_epsilon, cfg.bn_mode, channel_dim=1))
+        self.conv_out = _glorot(nn.Conv2d(chans[-1], cfg.image_shape[-1], 3, padding=1))
+
+    def forward(self, z: Tensor, out: dict[str, Tensor]) -> Tensor:
+        h = out["decoder.fc1"] = F.leaky_relu(self.fc1(z), self.slope)
+        h = h.view(-1, *self.feature_shape).permute(0, 3, 1, 2)
+        for i in range(1, 4):
+            h = F.leaky_relu(getattr(self, f"deconv{i}")(h), self.slope)
+            out[f"decoder.deconv{i}"] = _nhwc(h)
+            h = getattr(self, f"bn{i}")(h)
+            out[f"decoder.bn{i}"] = _nhwc(h)
+            if i >= 2:
+                h = F.interpolate(h, scale_factor=2, mode="nearest")
+                out[f"decoder.up{i - 1}"] = _nhwc(h)
+        logits = out["decoder.logits"] = _nhwc(self.conv_out(h))
+        return logits
+
+
+class DPSOM(nn.Module):
+    """Encoder -> full-covariance posterior -> z -> decoder, plus the SOM on z."""
+
+    def __init__(self, config: DPSOMConfig) -> None:
+        super().__init__()
+        self.config = config
+        if config.convolution:
+            self.encoder, self.decoder = ConvEncoder(config), ConvDecoder(config)
+            enc_out = int(np.prod(config.conv_feature_shape))
+        else:
+            self.encoder, self.decoder = DenseEncoder(config), DenseDecoder(config)
+            enc_out = config.dense_enc_dims[-1]
+        self.posterior = TriLPosterior(enc_out, config.latent_dim)
+        self.som = SOM(config.som_dim, config.latent_dim)
+        self._table = load_table("dpsom", "conv" if config.convolution else "dense")
+
+    def forward(
+        self, x: Tensor, eps: Tensor | None = None, *, decode: bool = True, generator: torch.Generator | None = None
+    ) -> dict[str, Tensor]:
+        """All named tensors for a batch ``x`` [B, 28, 28, 1]; ``eps`` [B, D] or sampled from ``generator``.
+
+        ``decode=False`` skips the decoder (SOM-initialisation steps do not need it; TF prunes it too).
+        """
+        out: dict[str, Tensor] = {}
+        h = self.encoder(x, out)
+        out["posterior.head"], mu, scale_tril = self.posterior(h)
+        out["posterior.mu"], out["posterior.scale_tril"] = mu, scale_tril
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
+        z = out["z"] = mu + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        if decode:
+            self.decoder(z, out)
+        cfg = self.config
+        dist = out["som.z_dist"] = z_dist_flat(z, self.som.flat())
+        out["som.q"] = student_t_q(dist, cfg.alpha, cfg.q_epsilon)
+        out["som.k"] = dist.argmin(dim=1)
+        return out
+
+    # --- weights in canonical layout ---------------------------------------------------------
+    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        state = self.state_dict()
+        return {r.canonical: torch_to_canonical(state[r.torch_key].numpy(force=True), r.torch_transform).shape for r in self._table}
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        state = self.state_dict()
+        return {
+            r.canonical: torch_to_canonical(state[r.torch_key].detach().cpu().numpy(), r.torch_transform).copy()
+            for r in self._table
+        }
+
+    @torch.no_grad()
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Strict: every missing / unexpected / mismatched name is listed and nothing is written."""
+        check_weights(weights, self.canonical_shapes(), where=f"ports.dpsom.DPSOM({'conv' if self.config.convolution else 'dense'})")
+        state = self.state_dict()
+        for r in self._table:
+            value = torch.from_numpy(canonical_to_torch(np.asarray(weights[r.canonical]), r.torch_transform))
+            state[r.torch_key].copy_(value.to(state[r.torch_key].dtype))
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,98 @@
+"""TF1 Adam and the staircase learning-rate schedule, as the original DPSOM runs them (specs §6.1-6.2).
+
+The original builds ONE ``tf.train.AdamOptimizer`` and three ``minimize`` ops (joint, VAE, SOM-init):
+the m/v slots, ``beta1_power``/``beta2_power`` and ``global_step`` are shared by all phases, so the
+bias correction uses the global step count. PyTorch's Adam differs in three ways, hence this class:
+
+* TF1 adds ε to √v *before* bias correction: ``θ -= lr·√(1-β2^t)/(1-β1^t) · m/(√v + ε)``;
+* the step count is global, not per parameter (a parameter idle in a phase keeps stale m/v but its
+  next update uses the global t);
+* a parameter with no gradient in a step (``grad is None``) is skipped entirely, slots untouched.
+
+The β powers are float32 accumulators multiplied once per step, and the LR is computed in float32,
+exactly like the TF variables and ops.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .config import ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON
+
+F32 = np.float32
+
+
+def effective_learning_rate(lr_feed: float, global_step: int, decay_steps: int, decay_factor: float) -> np.float32:
+    """``tf.train.exponential_decay(staircase=True)``: ``lr · r^floor(step / decay_steps)`` in float32,
+    on the global step *before* this step's increment."""
+    exponent = np.floor(F32(global_step) / F32(decay_steps))
+    return F32(lr_feed) * np.power(F32(decay_factor), F32(exponent))
+
+
+class TF1Adam:
+    """``tf.compat.v1.train.AdamOptimizer`` semantics over named parameters (see module docstring)."""
+
+    def __init__(
+        self,
+        named_params: Iterable[tuple[str, nn.Parameter]],
+        beta1: float = ADAM_BETA1,
+        beta2: float = ADAM_BETA2,
+        epsilon: float = ADAM_EPSILON,
+    ) -> None:
+        self.params = dict(named_params)
+        self.beta1, self.beta2, self.epsilon = F32(beta1), F32(beta2), F32(epsilon)
+        self.m = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.v = {n: torch.zeros_like(p) for n, p in self.params.items()}
+        self.beta1_power, self.beta2_power = F32(beta1), F32(beta2)  # TF initialises them to β, not 1
+        self.global_step = 0
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        """One update with learning rate ``lr`` (already decayed); advances the global counters."""
+        names = [n for n, p in self.params.items() if p.grad is not None]
+        if names:
+            alpha = F32(lr) * np.sqrt(F32(1) - self.beta2_power) / (F32(1) - self.beta1_power)
+            params = [self.params[n] for n in names]
+            grads = [p.grad for p in params]
+            ms, vs = [self.m[n] for n in names], [self.v[n] for n in names]
+            torch._foreach_lerp_(ms, grads, float(F32(1) - self.beta1))  # m += (g - m)(1 - β1)
+            torch._foreach_lerp_(vs, torch._foreach_mul(grads, grads), float(F32(1) - self.beta2))
+            denom = torch._foreach_sqrt(vs)
+            torch._foreach_add_(denom, float(self.epsilon))
+            torch._foreach_addcdiv_(params, ms, denom, value=-float(alpha))
+        self.beta1_power = F32(self.beta1_power * self.beta1)
+        self.beta2_power = F32(self.beta2_power * self.beta2)
+        self.global_step += 1
+
+    # --- state keyed by the parameter names given (the Trainer maps them to canonical names) ----
+    def state_dict(self) -> dict[str, Tensor | int | np.float32]:
+        state: dict[str, Tensor | int | np.float32] = {
+            "optim.global_step": self.global_step,
+            "optim.beta1_power": self.beta1_power,
+            "optim.beta2_power": self.beta2_power,
+        }
+        for n in self.params:
+            state[f"{n}/adam_m"], state[f"{n}/adam_v"] = self.m[n].clone(), self.v[n].clone()
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        bad = [k for k in expected & set(state) if k.endswith(("/adam_m", "/adam_v"))
+               and tuple(np.shape(state[k])) != tuple(self.m[k.rsplit("/", 1)[0]].shape)]
+        if missing or unexpected or bad:
+            raise ValueError(f"TF1Adam state: nothing loaded; missing {missing}, unexpected {unexpected}, shape mismatch {sorted(bad)}")
+        self.global_step = int(state["optim.global_step"])
+        self.beta1_power, self.beta2_power = F32(state["optim.beta1_power"]), F32(state["optim.beta2_power"])
+        for n in self.params:
+            self.m[n].copy_(torch.as_tensor(np.asarray(state[f"{n}/adam_m"])))
+            self.v[n].copy_(torch.as_tensor(np.asarray(state[f"{n}/adam_v"])))

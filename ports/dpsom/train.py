@@ -1,0 +1,250 @@
+"""DPSOM training as the original runs it (specs/dpsom.md §6), in PyTorch.
+
+Three phases share ONE TF1 Adam and one global step: VAE pretraining (``epochs_pretrain`` epochs
+of L_ELBO at ``learning_rate_pretrain``), SOM initialisation (4 stages x ``som_init_epochs_per_stage``
+epochs of L_a at 0.9 / 0.3 / 0.1 / 0.01) and joint training (``num_epochs`` epochs of
+θ·L_ELBO + γ·KL(P‖Q) + β·L_SOM, with the target distribution P recomputed over the whole training
+set at the start of every epoch, batch ``ii`` using rows ``ii·B … ii·B+B-1``). The LR is always
+``lr_feed · 0.99^floor(global_step / 1000)``. Batches walk the training array in order, the
+remainder dropped.
+
+Not reproduced (RNG consumption and logging only): the original's extra logging ``session.run``s
+(§6.5), each of which draws a fresh ε in TF.
+
+Entry point: ``python -m ports.dpsom.train key=value ...`` (config keys, plus ``variant=``,
+``data_dir=``, ``out_dir=``, ``resume=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .config import DPSOMConfig, get_config, parse_overrides
+from .losses import elbo_terms, joint_terms, loss_som_init, target_distribution
+from .model import DPSOM
+from .optim import TF1Adam, effective_learning_rate
+
+PHASES = ("vae", "som_init", "joint")
+
+
+@dataclass(frozen=True)
+class Epoch:
+    index: int
+    phase: str
+    lr_feed: float
+
+
+def schedule(cfg: DPSOMConfig) -> list[Epoch]:
+    """Every epoch of the run in order, with its phase and fed learning rate (§6.3)."""
+    plan = [("vae", cfg.learning_rate_pretrain)] * cfg.epochs_pretrain
+    for lr in cfg.som_init_learning_rates:
+        plan += [("som_init", lr)] * cfg.som_init_epochs_per_stage
+    plan += [("joint", cfg.learning_rate)] * cfg.num_epochs
+    return [Epoch(i, phase, lr) for i, (phase, lr) in enumerate(plan)]
+
+
+class Trainer:
+    """Model + the one shared optimizer; ``step`` is one ``session.run(train_op)`` of the original."""
+
+    def __init__(self, config: DPSOMConfig, model: DPSOM | None = None, generator: torch.Generator | None = None) -> None:
+        self.config = config
+        self.model = model if model is not None else DPSOM(config)
+        self.optimizer = TF1Adam(self.model.named_parameters())
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(config.random_seed)
+        self._canonical = {r.torch_key: r for r in self.model._table}
+
+    @property
+    def global_step(self) -> int:
+        return self.optimizer.global_step
+
+    def _eps(self, eps: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
+        return None if eps is None else torch.as_tensor(eps)
+
+    def compute_terms(self, phase: str, x: torch.Tensor, eps: torch.Tensor | None, p: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The loss terms of ``phase`` with their graphs (the first one listed last: the minimised loss)."""
+        cfg, model = self.config, self.model
+        if phase == "vae":
+            out = model(x, eps, generator=self.generator)
+            return elbo_terms(cfg, out, x)
+        if phase == "som_init":
+            with torch.no_grad():  # L_a stops the gradient at z: the encoder graph is not needed
+                out = model(x, eps, decode=False, generator=self.generator)
+            return loss_som_init(out["z"], model.som.flat(), out["som.k"], cfg.som_dim)
+        if phase == "joint":
+            if p is None:
+                raise ValueError("the joint phase needs the target distribution p for this batch")
+            out = model(x, eps, generator=self.generator)
+            return joint_terms(cfg, out, x, p, model.som.flat())
+        raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+
+    def step(self, phase: str, x: np.ndarray | torch.Tensor, lr_feed: float, eps=None, p=None) -> dict[str, float]:
+        """One optimizer step; returns the loss terms before the update, the effective LR, the new global step."""
+        cfg = self.config
+        lr = effective_learning_rate(lr_feed, self.optimizer.global_step, cfg.decay_steps, cfg.decay_factor)
+        x = torch.as_tensor(x)
+        terms = self.compute_terms(phase, x, self._eps(eps), None if p is None else torch.as_tensor(p))
+        loss = terms[{"vae": "loss.elbo", "som_init": "loss.som_init", "joint": "loss.total"}[phase]]
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step(float(lr))
+        values = torch.stack([t.detach() for t in terms.values()]).tolist()  # one host sync per step
+        record: dict[str, float] = dict(zip(terms, values))
+        record["lr"] = float(lr)
+        record["global_step"] = self.optimizer.global_step
+        return record
+
+    @torch.no_grad()
+    def q_all(self, x: np.ndarray, chunk: int = 5100, eps: np.ndarray | None = None) -> np.ndarray:
+        """Soft assignments for a whole set in chunks (one fresh ε per example, as the original)."""
+        qs = []
+        for start in range(0, len(x), chunk):
+            e = None if eps is None else torch.as_tensor(eps[start : start + chunk])
+            out = self.model(torch.as_tensor(x[start : start + chunk]), e, decode=False, generator=self.generator)
+            qs.append(out["som.q"])
+        return torch.cat(qs).numpy()
+
+    # --- optimizer state in canonical names and layout -----------------------------------------
+    def get_optimizer_state(self) -> dict[str, Any]:
+        from harness.transplant import torch_to_canonical
+
+        state = self.optimizer.state_dict()
+        out: dict[str, Any] = {k: v for k, v in state.items() if k.startswith("optim.")}
+        for key, row in self._canonical.items():
+            if key in self.optimizer.params:
+                for slot in ("adam_m", "adam_v"):
+                    out[f"{row.canonical}/{slot}"] = torch_to_canonical(state[f"{key}/{slot}"].numpy(), row.torch_transform)
+        return out
+
+    def set_optimizer_state(self, state: dict[str, Any]) -> None:
+        from harness.transplant import canonical_to_torch
+
+        torch_state: dict[str, Any] = {k: state[k] for k in ("optim.global_step", "optim.beta1_power", "optim.beta2_power") if k in state}
+        by_canonical = {row.canonical: (key, row) for key, row in self._canonical.items() if key in self.optimizer.params}
+        for name, value in state.items():
+            if name.startswith("optim."):
+                continue
+            canonical, _, slot = name.rpartition("/")
+            if canonical not in by_canonical:
+                torch_state[name] = value  # reported as unexpected by load_state_dict
+                continue
+            key, row = by_canonical[canonical]
+            torch_state[f"{key}/{slot}"] = canonical_to_torch(np.asarray(value), row.torch_transform)
+        self.optimizer.load_state_dict(torch_state)
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def save(self, path: Path, epochs_done: int) -> None:
+        """Atomic: a checkpoint is either the old one or the new one, never half-written."""
+        payload = {
+            "config": self.config.to_dict(),
+            "epochs_done": epochs_done,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+        tmp = path.with_suffix(".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+
+    def load(self, path: Path) -> int:
+        payload = torch.load(path, weights_only=False)
+        if payload["config"] != self.config.to_dict():
+            diff = {k: (v, self.config.to_dict().get(k)) for k, v in payload["config"].items() if self.config.to_dict().get(k) != v}
+            raise ValueError(f"{path}: checkpoint config differs from this run's (checkpoint, run): {diff}")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.generator.set_state(payload["generator"])
+        return int(payload["epochs_done"])
+
+
+def _batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    for i in range(len(x) // batch_size):
+        yield i, x[i * batch_size : (i + 1) * batch_size]
+
+
+def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path, resume: bool = False, log_every: int = 1) -> list[dict[str, float]]:
+    """Run the whole schedule with progress bars, TensorBoard scalars, a checkpoint per epoch, resume.
+
+    A non-finite loss term stops training with the step, phase and term named; the last checkpoint
+    on disk is the last good epoch.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    cfg = trainer.config
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint.pt"
+    start = trainer.load(ckpt) if resume and ckpt.exists() else 0
+    plan = schedule(cfg)
+    bs = cfg.batch_size
+    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    history: list[dict[str, float]] = []
+    try:
+        for epoch in tqdm(plan[start:], desc="DPSOM epochs", initial=start, total=len(plan), unit="epoch"):
+            p_all = target_distribution(torch.from_numpy(trainer.q_all(x_train))).numpy() if epoch.phase == "joint" else None
+            bar = tqdm(_batches(x_train, bs), total=len(x_train) // bs, desc=f"{epoch.phase} #{epoch.index}", leave=False)
+            for ii, xb in bar:
+                p = None if p_all is None else p_all[ii * bs : (ii + 1) * bs]
+                record = trainer.step(epoch.phase, xb, epoch.lr_feed, p=p)
+                bad = [k for k, v in record.items() if not math.isfinite(v)]
+                if bad:
+                    raise FloatingPointError(
+                        f"non-finite {bad[0]}={record[bad[0]]} at global step {record['global_step'] - 1} "
+                        f"(phase {epoch.phase}, epoch {epoch.index}); last good checkpoint: "
+                        f"{ckpt if ckpt.exists() else 'none yet'}"
+                    )
+                record.update(phase=PHASES.index(epoch.phase), epoch=epoch.index)
+                history.append(record)
+                if record["global_step"] % log_every == 0:
+                    for k, v in record.items():
+                        writer.add_scalar(f"{epoch.phase}/{k}", v, record["global_step"])
+            trainer.save(ckpt, epoch.index + 1)
+    finally:
+        writer.close()
+    return history
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m ports.dpsom.train [variant=dense] [data_dir=...] [out_dir=...] [resume=True] key=value ...``"""
+    from harness.data import dpsom_splits, load_raw
+    from harness.env import fingerprint, seed_all
+
+    from .evaluate import evaluate
+
+    args = parse_overrides(sys.argv[1:] if argv is None else argv)
+    variant = args.pop("variant", "dense")
+    data_dir = args.pop("data_dir", None)
+    out_dir = Path(args.pop("out_dir", f"runs/ports-dpsom-{variant}"))
+    resume = args.pop("resume", "False").lower() in ("1", "true", "yes")
+    cfg = get_config(variant, **args)
+    flags = seed_all(cfg.random_seed)
+    data = dpsom_splits(load_raw(cfg.data_set, data_dir), cfg.validation)
+    trainer = Trainer(cfg)
+    t0 = time.perf_counter()
+    fit(trainer, data.x_train, out_dir, resume=resume)
+    metrics = evaluate(trainer.model, data.x_eval, data.y_eval, cfg)
+    result = {
+        "side": "ports.dpsom", "variant": variant, "metrics": metrics, "config": cfg.to_dict(),
+        "determinism": flags, "environment": fingerprint(), "train_seconds": time.perf_counter() - t0,
+    }
+    results = Path("results") / "runs"
+    results.mkdir(parents=True, exist_ok=True)
+    target = results / f"dpsom-{variant}-{cfg.data_set}-torch-seed{cfg.random_seed}.json"
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, target)
+    print(json.dumps(metrics, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()
