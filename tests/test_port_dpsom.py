@@ -1,0 +1,380 @@
+"""PyTorch port of DPSOM against independent expectations (hand computations, closed forms, torch.distributions)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from harness.transplant import TransplantError
+from ports.dpsom.config import DPSOMConfig, get_config, parse_overrides, replace
+from ports.dpsom.losses import (
+    bernoulli_nll,
+    kl_posterior_prior,
+    loss_commit,
+    loss_som,
+    loss_som_init,
+    neighbour_nodes,
+    target_distribution,
+)
+from ports.dpsom.model import DPSOM, fill_triangular_indices, student_t_q
+from ports.dpsom.optim import TF1Adam, effective_learning_rate
+from ports.dpsom.train import Trainer, fit, schedule
+
+torch.set_default_dtype(torch.float32)
+
+
+def _model(variant: str = "tiny-dense", seed: int = 0, **overrides) -> DPSOM:
+    torch.manual_seed(seed)
+    return DPSOM(get_config(variant, **overrides))
+
+
+def _batch(cfg: DPSOMConfig, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    x = rng.random((cfg.batch_size, *cfg.image_shape), dtype=np.float32)
+    eps = rng.standard_normal((cfg.batch_size, cfg.latent_dim), dtype=np.float32)
+    return torch.from_numpy(x), torch.from_numpy(eps)
+
+
+# --- config ----------------------------------------------------------------------------------
+
+
+def test_config_effective_defaults_and_overrides():
+    cfg = get_config("dense")
+    assert (cfg.decay_steps, cfg.batch_size, cfg.latent_dim, cfg.som_dim, cfg.beta, cfg.gamma) == (1000, 300, 100, (8, 8), 0.25, 20.0)
+    assert cfg.head_dim == 5150 and get_config("conv").conv_feature_shape == (7, 7, 256)
+    assert get_config("dense-fmnist").beta == 0.4
+    cfg2 = replace(cfg, **parse_overrides(["num_epochs=3", "convolution=True", "som_dim=4,4"]))
+    assert (cfg2.num_epochs, cfg2.convolution, cfg2.som_dim) == (3, True, (4, 4))
+    assert DPSOMConfig.from_dict(cfg2.to_dict()) == cfg2
+
+
+def test_unknown_config_key_lists_valid_keys():
+    with pytest.raises(KeyError, match=r"unknown DPSOM config key\(s\) \['num_epoch'\].*valid keys: .*'num_epochs'"):
+        get_config("dense", num_epoch=3)
+    with pytest.raises(ValueError, match="not of the form key=value"):
+        parse_overrides(["num_epochs"])
+    with pytest.raises(ValueError, match="expected True or False"):
+        get_config("dense", convolution="maybe")
+
+
+# --- posterior ---------------------------------------------------------------------------------
+
+
+def test_fill_triangular_matches_tfp_order_3x3():
+    # TFP: reshape [r[3:], reverse(r)] = (4,5,6,6,5,4,3,2,1) to 3x3 and keep the lower triangle.
+    r = np.arange(1, 7)
+    idx = fill_triangular_indices(3)
+    filled = np.where(idx >= 0, r[np.maximum(idx, 0)], 0)
+    np.testing.assert_array_equal(filled, [[4, 0, 0], [6, 5, 0], [3, 2, 1]])
+
+
+def test_posterior_scale_tril_softplus_diagonal():
+    model = _model("tiny-dense", latent_dim=3)
+    with torch.no_grad():
+        model.posterior.head.weight.zero_()
+        model.posterior.head.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 1, 2, 3, 4, 5, 6], dtype=torch.float32))
+    head, mu, L = model.posterior(torch.zeros(1, model.posterior.head.in_features))
+    sp = lambda v: math.log1p(math.exp(v)) + 1e-5  # noqa: E731
+    expected = [[sp(4), 0, 0], [6, sp(5), 0], [3, 2, sp(1)]]
+    np.testing.assert_allclose(mu[0].detach().numpy(), [0.5, -1.0, 2.0])
+    np.testing.assert_allclose(L[0].detach().numpy(), expected, rtol=1e-6)  # float32 rounding of softplus
+
+
+def test_sample_is_mu_plus_scale_times_eps():
+    model = _model()
+    x, eps = _batch(model.config)
+    out = model(x, eps)
+    expected = out["posterior.mu"].double() + torch.einsum("bij,bj->bi", out["posterior.scale_tril"].double(), eps.double())
+    np.testing.assert_allclose(out["z"].detach().numpy(), expected.detach().numpy(), atol=1e-6)  # float32 matvec of 7 terms
+
+
+@pytest.mark.parametrize("prior_std", [1.0, 1.7])
+def test_kl_matches_torch_distributions(prior_std):
+    model = _model()
+    x, eps = _batch(model.config)
+    out = model(x, eps)
+    mu, L = out["posterior.mu"].double(), out["posterior.scale_tril"].double()
+    q = torch.distributions.MultivariateNormal(mu, scale_tril=L)
+    p = torch.distributions.MultivariateNormal(torch.zeros_like(mu), scale_tril=prior_std * torch.eye(mu.shape[1], dtype=torch.float64))
+    expected = torch.distributions.kl_divergence(q, p).mean().item()
+    assert kl_posterior_prior(mu, L, prior_std).item() == pytest.approx(expected, rel=1e-10)  # same math, float64
+
+
+# --- losses on hand-checked arrays -------------------------------------------------------------
+
+
+def test_student_t_q_hand_values():
+    # alpha = 10: t = (1 + d/10)^-5.5; d = 0 -> 1, d = 10 -> 2^-5.5 = 0.0220970869; + 1e-7 each.
+    q = student_t_q(torch.tensor([[0.0, 10.0]], dtype=torch.float64), alpha=10.0, eps=1e-7)
+    t0, t1 = 1 + 1e-7, 2**-5.5 + 1e-7
+    np.testing.assert_allclose(q.numpy(), [[t0 / (t0 + t1), t1 / (t0 + t1)]], rtol=1e-12)
+
+
+def test_target_distribution_hand_values():
+    q = torch.tensor([[0.8, 0.2], [0.4, 0.6]], dtype=torch.float64)
+    # f = (1.2, 0.8); q^2/f = [[0.5333, 0.05], [0.1333, 0.45]]; row-normalised:
+    expected = [[0.64 / 1.2 / (0.64 / 1.2 + 0.04 / 0.8), 0.04 / 0.8 / (0.64 / 1.2 + 0.04 / 0.8)],
+                [0.16 / 1.2 / (0.16 / 1.2 + 0.36 / 0.8), 0.36 / 0.8 / (0.16 / 1.2 + 0.36 / 0.8)]]
+    np.testing.assert_allclose(target_distribution(q).numpy(), expected, rtol=1e-12)
+    np.testing.assert_allclose(expected[0][0], 0.9142857142857143, rtol=1e-12)
+
+
+def test_loss_commit_hand_value():
+    p = torch.tensor([[0.5, 0.5], [1.0 - 1e-3, 1e-3]], dtype=torch.float64)
+    q = torch.tensor([[0.25, 0.75], [0.5, 0.5]], dtype=torch.float64)
+    row0 = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    row1 = 0.999 * math.log(0.999 / 0.5) + 0.001 * math.log(0.001 / 0.5)
+    assert loss_commit(p, q).item() == pytest.approx((row0 + row1) / 2, rel=1e-12)
+    assert loss_commit(q, q).item() == 0.0
+
+
+def test_torus_neighbours_3x3():
+    # (self, up=(r+1), down=(r-1), right=(c+1), left=(c-1)) on a 3x3 torus, flat = 3r + c.
+    got = neighbour_nodes(torch.tensor([4, 0, 8]), (3, 3)).tolist()
+    assert got == [[4, 7, 1, 5, 3], [0, 3, 6, 1, 2], [8, 2, 5, 6, 7]]
+
+
+def test_loss_som_closed_form_and_hand_case():
+    # Uniform q_ng = 1/9: every log is -ln 9, four neighbours, Σ_j q_ij = 1 -> 4 ln 9.
+    q = torch.softmax(torch.randn(4, 9, dtype=torch.float64), 1)
+    assert loss_som(q, torch.full((4, 9), 1 / 9, dtype=torch.float64), (3, 3)).item() == pytest.approx(4 * math.log(9), rel=1e-12)
+    # One example, q = one-hot at node 4 (centre): neighbours 7, 1, 5, 3.
+    q_ng = torch.arange(1, 10, dtype=torch.float64).unsqueeze(0) / 45
+    one_hot = torch.zeros(1, 9, dtype=torch.float64)
+    one_hot[0, 4] = 1
+    expected = -sum(math.log(v / 45) for v in (8, 2, 6, 4))
+    assert loss_som(one_hot, q_ng, (3, 3)).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_loss_som_init_hand_case():
+    emb = torch.arange(9 * 2, dtype=torch.float64).reshape(9, 2)  # node j = (2j, 2j+1)
+    z = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    terms = loss_som_init(z, emb, torch.tensor([0]), (3, 3))
+    nodes = [0, 3, 6, 1, 2]  # self, up, down, right, left of node 0
+    sq = [(2 * j) ** 2 + (2 * j + 1) ** 2 for j in nodes]
+    assert terms["loss.som_init.commit"].item() == pytest.approx(1 / 2)  # (0 + 1) / D
+    assert terms["loss.som_init.som"].item() == pytest.approx(sum(sq) / 10)  # / (5 * D)
+    assert terms["loss.som_init"].item() == pytest.approx(0.5 + sum(sq) / 10)
+
+
+def test_bernoulli_nll_matches_bce_with_logits():
+    g = torch.Generator().manual_seed(3)
+    logits, x = torch.randn(6, 28, 28, 1, generator=g, dtype=torch.float64) * 4, torch.rand(6, 28, 28, 1, generator=g, dtype=torch.float64)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, x, reduction="none").sum((1, 2, 3)).mean()
+    assert bernoulli_nll(logits, x).item() == pytest.approx(bce.item(), rel=1e-12)
+
+
+# --- frozen BN, dropout, layout ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["tiny-dense", "tiny-conv"])
+def test_bn_is_frozen_affine_and_batch_independent(variant):
+    trainer = Trainer(get_config(variant))
+    model = trainer.model
+    x, eps = _batch(model.config)
+    out = model(x, eps)
+    # At init gamma=1, beta=0, stats 0/1: BN* = x / sqrt(1 + 1e-3).
+    np.testing.assert_allclose(out["encoder.bn1"].detach().numpy(), out[f"encoder.{'conv' if model.config.convolution else 'fc'}1"].detach().numpy() / math.sqrt(1.001), rtol=1e-6)
+    alone = model(x[:1], eps[:1])["posterior.mu"]
+    np.testing.assert_allclose(alone.detach().numpy(), out["posterior.mu"][:1].detach().numpy(), atol=1e-6)
+    p = torch.full((x.shape[0], model.config.n_nodes), 1 / model.config.n_nodes)
+    for phase in ("vae", "som_init", "joint"):
+        trainer.step(phase, x, 1e-3, eps=eps, p=p)
+    for name, buf in model.named_buffers():
+        if name.endswith("moving_mean"):
+            assert torch.count_nonzero(buf) == 0, name
+        if name.endswith("moving_variance"):
+            assert torch.all(buf == 1), name
+    again = model(x, eps)
+    assert torch.equal(again["z"], model(x, eps)["z"])  # no dropout, no batch statistics: repeatable
+
+
+def test_conv_flatten_is_channels_last():
+    model = _model("tiny-conv")
+    x, eps = _batch(model.config)
+    out = model(x, eps)
+    np.testing.assert_array_equal(out["encoder.flatten"].detach().numpy(), out["encoder.bn4"].detach().numpy().reshape(x.shape[0], -1))
+    assert out["encoder.bn4"].shape[1:] == (7, 7, 9)
+
+
+def test_forward_keys_in_execution_order():
+    dense = list(_model("tiny-dense")(*_batch(get_config("tiny-dense"))))
+    assert dense[:2] == ["encoder.fc1", "encoder.bn1"] and dense[6:10] == ["posterior.head", "posterior.mu", "posterior.scale_tril", "z"]
+    assert dense[-4:] == ["decoder.logits", "som.z_dist", "som.q", "som.k"]
+
+
+def test_initialisers_follow_keras():
+    model = _model("dense")
+    w = model.get_weights()
+    limit = math.sqrt(6 / (2000 + 5150))
+    k = w["posterior.head.kernel"]
+    assert k.shape == (2000, 5150) and np.abs(k).max() <= limit
+    assert k.std() == pytest.approx(limit / math.sqrt(3), rel=0.01)  # U(-l, l): sd l/sqrt(3); 10M draws
+    assert np.all(w["posterior.head.bias"] == 0) and np.all(w["encoder.bn1.gamma"] == 1)
+    emb = w["som.embeddings"]
+    assert emb.shape == (8, 8, 100) and np.abs(emb).max() < 0.1
+    # truncated N(0, 0.05) at 2 sd has sd 0.05 * 0.8796 = 0.04398; 6400 draws -> ~1% sampling error
+    assert emb.std() == pytest.approx(0.04398, rel=0.05)
+    assert model.param_count() == 13_814_334  # 11.95 M encoder + 1.85 M decoder + BN + 6 400 embeddings
+
+
+# --- gradient flow (specs §5.8) ---------------------------------------------------------------
+
+
+def _grad_owners(trainer: Trainer, phase: str, loss_key: str, x, eps, p) -> set[str]:
+    terms = trainer.compute_terms(phase, x, eps, p)
+    trainer.optimizer.zero_grad()
+    terms[loss_key].backward()
+    groups = set()
+    for name, param in trainer.model.named_parameters():
+        if param.grad is not None and torch.count_nonzero(param.grad) > 0:
+            groups.add(name.split(".")[0])
+    return groups
+
+
+@pytest.mark.parametrize(
+    "phase,loss_key,owners",
+    [
+        ("joint", "loss.elbo", {"encoder", "posterior", "decoder"}),
+        ("joint", "loss.kl_pq", {"encoder", "posterior", "som"}),
+        ("joint", "loss.som", {"som"}),
+        ("som_init", "loss.som_init", {"som"}),
+        ("joint", "loss.total", {"encoder", "posterior", "decoder", "som"}),
+    ],
+)
+def test_gradient_flow_table(phase, loss_key, owners):
+    trainer = Trainer(get_config("tiny-dense"))
+    x, eps = _batch(trainer.config)
+    p = torch.softmax(torch.randn(x.shape[0], trainer.config.n_nodes), 1)
+    assert _grad_owners(trainer, phase, loss_key, x, eps, p) == owners
+
+
+# --- optimizer and schedule -------------------------------------------------------------------
+
+
+def test_tf1_adam_one_step_by_hand():
+    theta = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    opt = TF1Adam([("theta", theta)])
+    theta.grad = torch.tensor([0.5, 0.1])
+    opt.step(0.1)
+    g = np.array([0.5, 0.1])
+    m, v = 0.1 * g, 0.001 * g**2
+    alpha = 0.1 * math.sqrt(1 - 0.999) / (1 - 0.9)
+    expected = np.array([1.0, -2.0]) - alpha * m / (np.sqrt(v) + 1e-8)
+    np.testing.assert_allclose(theta.detach().numpy(), expected, rtol=1e-6)  # float32 arithmetic
+    assert opt.global_step == 1 and opt.beta1_power == np.float32(0.9) * np.float32(0.9)
+
+
+def test_tf1_adam_global_step_and_idle_parameters():
+    a = torch.nn.Parameter(torch.tensor([1.0]))
+    b = torch.nn.Parameter(torch.tensor([3.0]))
+    opt = TF1Adam([("a", a), ("b", b)])
+    for _ in range(3):  # "phase 1": only a has a gradient; b's slots stay untouched
+        a.grad, b.grad = torch.tensor([0.2]), None
+        opt.step(1e-3)
+    assert b.item() == 3.0 and opt.m["b"].item() == 0.0
+    a.grad, b.grad = None, torch.tensor([-0.4])
+    opt.step(1e-3)
+    t = 4  # b's first update uses the *global* t for bias correction
+    alpha = 1e-3 * math.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+    expected = 3.0 - alpha * (0.1 * -0.4) / (math.sqrt(0.001 * 0.16) + 1e-8)
+    assert b.item() == pytest.approx(expected, rel=1e-6)
+    assert opt.global_step == 4 and opt.beta1_power == pytest.approx(0.9**5, rel=1e-6)
+
+
+def test_tf1_adam_equals_torch_adam_with_shifted_epsilon():
+    # TF1 ε-hat: identical to torch Adam with ε' = ε / sqrt(1 - β2^t) at every step t.
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(5, generator=g, dtype=torch.float64) * 1e-4 for _ in range(6)]
+    p1 = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    p2 = torch.nn.Parameter(torch.ones(5, dtype=torch.float64))
+    tf1 = TF1Adam([("p", p1)])
+    ref = torch.optim.Adam([p2], lr=1e-2, betas=(0.9, 0.999))
+    for t, grad in enumerate(grads, start=1):
+        p1.grad = grad.clone()
+        tf1.step(1e-2)
+        p2.grad = grad.clone()
+        ref.param_groups[0]["eps"] = 1e-8 / math.sqrt(1 - 0.999**t)
+        ref.step()
+    # TF1Adam computes α and the β powers in float32 (as TF): 2^-24 ≈ 6e-8 relative per step on the
+    # update; measured 1.6e-7 relative on the parameters after these 6 steps.
+    np.testing.assert_allclose(p1.detach().numpy(), p2.detach().numpy(), rtol=4e-7)
+
+
+def test_learning_rate_staircase():
+    assert effective_learning_rate(1e-3, 999, 1000, 0.99) == np.float32(1e-3)
+    assert effective_learning_rate(1e-3, 1000, 1000, 0.99) == pytest.approx(0.99e-3, rel=1.2e-7)  # one float32 ulp
+    assert effective_learning_rate(1e-3, 56950, 1000, 0.99) == pytest.approx(5.696e-4, rel=1e-3)  # spec App. A
+    assert effective_learning_rate(0.9, 2550, 1000, 0.99) == pytest.approx(0.9 * 0.99**2, rel=1e-6)
+
+
+def test_schedule_matches_original_phases():
+    plan = schedule(get_config("dense"))
+    assert len(plan) == 15 + 20 + 300
+    assert [e.lr_feed for e in plan[15:35:5]] == [0.9, 0.3, 0.1, 0.01]
+    assert plan[0].phase == "vae" and plan[15].phase == "som_init" and plan[35].phase == "joint"
+    assert 170 * 15 == 2550 and 170 * 35 == 5950  # global steps at phase boundaries (spec §6.3)
+
+
+# --- weights ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["tiny-dense", "tiny-conv"])
+def test_weights_round_trip_bit_exact(variant):
+    a, b = _model(variant, seed=0), _model(variant, seed=1)
+    b.set_weights(a.get_weights())
+    for (n1, t1), (n2, t2) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert n1 == n2 and torch.equal(t1, t2), n1
+    x, eps = _batch(a.config)
+    assert torch.equal(a(x, eps)["decoder.logits"], b(x, eps)["decoder.logits"])
+
+
+def test_set_weights_lists_every_problem_and_writes_nothing():
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    w = model.get_weights()
+    w["encoder.fc1.kernel"] = w["encoder.fc1.kernel"].T  # (784, 13) -> (13, 784)
+    w["som.embeddings"] = np.zeros((4, 4, 7), np.float32)
+    del w["decoder.fc2.bias"]
+    w["encoder.fc9.kernel"] = np.zeros(3, np.float32)
+    with pytest.raises(TransplantError) as err:
+        model.set_weights(w)
+    msg = str(err.value)
+    for fragment in ("decoder.fc2.bias", "encoder.fc9.kernel", "encoder.fc1.kernel: got (13, 784), expected (784, 13)", "som.embeddings"):
+        assert fragment in msg
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# --- training loop ----------------------------------------------------------------------------
+
+
+def test_run_twice_is_deterministic():
+    records = []
+    for _ in range(2):
+        trainer = Trainer(get_config("tiny-dense"), model=_model(seed=5))
+        x, _ = _batch(trainer.config)
+        records.append([trainer.step(ph, x, 1e-3, p=torch.full((5, 9), 1 / 9)) for ph in ("vae", "som_init", "joint")])
+    assert records[0] == records[1]
+
+
+def test_fit_checkpoints_resumes_and_stops_on_nan(tmp_path):
+    cfg = get_config("tiny-dense")
+    x = np.random.default_rng(0).random((12, 28, 28, 1), dtype=np.float32)
+    trainer = Trainer(cfg, model=_model(seed=2))
+    history = fit(trainer, x, tmp_path)
+    n_epochs = len(schedule(cfg))
+    assert len(history) == n_epochs * 2 and history[-1]["global_step"] == n_epochs * 2
+    resumed = Trainer(cfg, model=_model(seed=9))
+    assert fit(resumed, x, tmp_path, resume=True) == []  # everything done: nothing re-run
+    assert all(torch.equal(a, b) for a, b in zip(trainer.model.state_dict().values(), resumed.model.state_dict().values()))
+    ckpt = (tmp_path / "checkpoint.pt").read_bytes()
+    bad = x.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(FloatingPointError, match=r"non-finite loss\.elbo\.nll=nan at global step 0 \(phase vae, epoch 0\)"):
+        fit(Trainer(cfg, model=_model(seed=2)), bad, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt
