@@ -1,0 +1,108 @@
+"""Element-wise comparison of named tensors with three-state verdicts (PASS / INACCURATE / FAIL).
+
+A tolerance is never a constant: it is ``multiple x floor``, where ``floor`` is a measured noise
+floor for that tensor (the same side computed twice under a harmless perturbation, e.g. float32
+vs float64), and both numbers are stored with the verdict. INACCURATE = finite, same shape, beyond
+the tolerance but within ``INACCURATE_FACTOR`` times it (worth a look, not a structural bug); FAIL
+= anything else (shape or dtype mismatch, non-finite mismatch, or far outside the band).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Mapping
+
+import numpy as np
+
+INACCURATE_FACTOR = 100.0
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float
+    mean_abs: float
+    worst_index: tuple[int, ...]
+    floor: float
+    multiple: float
+    tolerance: float
+    verdict: str
+    note: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _fail(name: str, note: str, shape=()) -> Comparison:
+    nan = float("nan")
+    return Comparison(name, tuple(shape), nan, nan, nan, (), nan, nan, nan, "FAIL", note)
+
+
+def compare(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: float) -> Comparison:
+    """Compare ``a`` (side A) with ``b`` (side B) against ``multiple * floor`` (absolute).
+
+    The floor is raised to one float32 ulp of the tensor's magnitude, so an exactly reproducible
+    tensor (floor 0) is still judged at the resolution of float32 rather than demanding bit equality.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return _fail(name, f"shape {a.shape} vs {b.shape}", a.shape)
+    if a.size == 0:
+        return Comparison(name, a.shape, 0.0, 0.0, 0.0, (), floor, multiple, 0.0, "PASS", "empty")
+    if np.issubdtype(a.dtype, np.integer) or np.issubdtype(b.dtype, np.integer):
+        diff = a != b
+        n = int(diff.sum())
+        worst = tuple(int(i) for i in np.argwhere(diff)[0]) if n else ()
+        return Comparison(name, a.shape, float(n), float(n) / a.size, float(n) / a.size, worst, 0.0, 1.0, 0.0,
+                          "PASS" if n == 0 else "FAIL", f"{n} of {a.size} differ" if n else "")
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
+    if not np.array_equal(finite_a, finite_b):
+        idx = tuple(int(i) for i in np.argwhere(finite_a != finite_b)[0])
+        return _fail(name, f"non-finite mismatch at {idx}", a.shape)
+    diff = np.where(finite_a, np.abs(a64 - b64), 0.0)
+    flat = int(np.argmax(diff))
+    worst = tuple(int(i) for i in np.unravel_index(flat, a.shape))
+    max_abs = float(diff.reshape(-1)[flat])
+    scale = np.maximum(np.abs(a64), np.abs(b64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(scale > 0, diff / scale, 0.0)
+    floor = max(float(floor), FLOAT32_EPS * float(np.max(np.where(finite_a, scale, 0.0))))
+    tol = multiple * floor
+    if max_abs <= tol:
+        verdict = "PASS"
+    elif max_abs <= INACCURATE_FACTOR * tol:
+        verdict = "INACCURATE"
+    else:
+        verdict = "FAIL"
+    return Comparison(name, a.shape, max_abs, float(rel.max()), float(diff.mean()), worst, floor, multiple, tol, verdict)
+
+
+def compare_all(
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], floors: Mapping[str, float], multiple: float
+) -> list[Comparison]:
+    """Compare every name of ``a`` (in its order); a name missing on either side is a FAIL."""
+    out = []
+    for name in list(a) + [n for n in b if n not in a]:
+        if name not in a or name not in b:
+            out.append(_fail(name, f"missing on side {'A' if name not in a else 'B'}"))
+            continue
+        out.append(compare(name, a[name], b[name], floors.get(name, 0.0), multiple))
+    return out
+
+
+def first_divergence(results: list[Comparison]) -> Comparison | None:
+    return next((r for r in results if r.verdict != "PASS"), None)
+
+
+def format_table(results: list[Comparison]) -> str:
+    lines = [f"{'tensor':28s} {'shape':>16s} {'max_abs':>10s} {'max_rel':>10s} {'floor':>10s} {'tol':>10s}  verdict"]
+    for r in results:
+        lines.append(
+            f"{r.name:28s} {str(r.shape):>16s} {r.max_abs:10.3g} {r.max_rel:10.3g} {r.floor:10.3g} {r.tolerance:10.3g}  "
+            f"{r.verdict}{'  ' + r.note if r.note else ''}"
+        )
+    return "\n".join(lines)
