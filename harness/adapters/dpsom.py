@@ -1,0 +1,107 @@
+"""Adapters that drive DPSOM sides through one protocol (docs/dpsom-interface.md).
+
+The compare engine and the CLI talk to :class:`Side` only. Each adapter imports its framework
+lazily, so a torch-only machine can still drive the port.
+
+Protocol: ``get_weights() / set_weights(dict)`` in canonical layout; ``forward(x, eps)`` -> every
+named tensor; ``losses(x, eps, p)`` -> every loss term; ``step(phase, x, lr_feed, eps, p)`` -> the
+per-step record; ``optimizer_state()`` -> canonical optimizer state; ``describe()`` -> what the side
+actually executes (for the config-as-executed record).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+from ports.dpsom.config import DPSOMConfig
+
+
+class Side(Protocol):
+    name: str
+    config: DPSOMConfig
+
+    def get_weights(self) -> dict[str, np.ndarray]: ...
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None: ...
+    def forward(self, x: np.ndarray, eps: np.ndarray) -> dict[str, np.ndarray]: ...
+    def losses(self, x: np.ndarray, eps: np.ndarray, p: np.ndarray) -> dict[str, float]: ...
+    def step(self, phase: str, x: np.ndarray, lr_feed: float, eps: np.ndarray, p: np.ndarray | None) -> dict[str, float]: ...
+    def optimizer_state(self) -> dict[str, Any]: ...
+
+
+class TorchDPSOM:
+    """``ports.dpsom`` in float32 (default) or float64 (the noise-floor reference)."""
+
+    def __init__(self, config: DPSOMConfig, dtype: str = "float32") -> None:
+        import torch
+
+        from ports.dpsom.model import DPSOM
+        from ports.dpsom.train import Trainer
+
+        self._torch = torch
+        self.name = f"torch-{dtype}"
+        self.config = config
+        self.dtype = getattr(torch, dtype)
+        model = DPSOM(config).to(self.dtype)
+        self.trainer = Trainer(config, model=model)
+
+    def _t(self, a: np.ndarray | None):
+        return None if a is None else self._torch.as_tensor(np.asarray(a)).to(self.dtype if np.asarray(a).dtype.kind == "f" else None)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self.trainer.model.get_weights()
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.trainer.model.set_weights(weights)
+
+    def forward(self, x: np.ndarray, eps: np.ndarray) -> dict[str, np.ndarray]:
+        with self._torch.no_grad():
+            out = self.trainer.model(self._t(x), self._t(eps))
+        return {k: v.numpy() for k, v in out.items()}
+
+    def losses(self, x: np.ndarray, eps: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        with self._torch.no_grad():
+            joint = self.trainer.compute_terms("joint", self._t(x), self._t(eps), self._t(p))
+            som_init = self.trainer.compute_terms("som_init", self._t(x), self._t(eps), None)
+        return {k: float(v) for k, v in {**joint, **som_init}.items()}
+
+    def step(self, phase: str, x: np.ndarray, lr_feed: float, eps: np.ndarray, p: np.ndarray | None) -> dict[str, float]:
+        return self.trainer.step(phase, self._t(x), lr_feed, eps=self._t(eps), p=self._t(p))
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.trainer.get_optimizer_state()
+
+
+class TFReferenceDPSOM:
+    """``reference_tf.dpsom`` (tf.compat.v1 graph in its own tf.Graph)."""
+
+    def __init__(self, config: DPSOMConfig) -> None:
+        from reference_tf import require_tensorflow
+
+        require_tensorflow()
+        from reference_tf.dpsom.model import DPSOM
+        from reference_tf.dpsom.train import Trainer
+
+        self.name = "tf-reference"
+        self.config = config
+        self.model = DPSOM(config)
+        self.trainer = Trainer(config, model=self.model)
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self.model.get_weights()
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        self.model.set_weights(weights)
+
+    def forward(self, x: np.ndarray, eps: np.ndarray) -> dict[str, np.ndarray]:
+        return self.model.forward(x, eps)
+
+    def losses(self, x: np.ndarray, eps: np.ndarray, p: np.ndarray) -> dict[str, float]:
+        return {k: float(v) for k, v in self.model.losses(x, eps, p).items()}
+
+    def step(self, phase: str, x: np.ndarray, lr_feed: float, eps: np.ndarray, p: np.ndarray | None) -> dict[str, float]:
+        return self.trainer.step(phase, x, lr_feed, eps=eps, p=p)
+
+    def optimizer_state(self) -> dict[str, Any]:
+        return self.model.get_optimizer_state()
