@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from harness.metrics import cluster_metrics
+from harness.metrics import cluster_metrics, nmi
 
 from .config import DPSOMConfig
 from .model import DPSOM, z_dist_flat
@@ -37,6 +37,7 @@ def assign_clusters(model: DPSOM, x: np.ndarray, config: DPSOMConfig, seed: int 
 def evaluate(model: DPSOM, x: np.ndarray, y: np.ndarray, config: DPSOMConfig) -> dict[str, float]:
     """NMI (config.nmi_average_method), purity, AMI and ACC on the full batches of ``(x, y)``."""
     k = assign_clusters(model, x, config)
-    metrics = cluster_metrics(y[: len(k)], k, nmi_average_method=config.nmi_average_method)
+    metrics = cluster_metrics(y[: len(k)], k)
+    metrics["nmi"] = nmi(y[: len(k)], k, average_method=config.nmi_average_method)
     metrics["n_evaluated"] = int(len(k))
     return metrics

@@ -1,0 +1,56 @@
+"""Per-step wall time of the port and the TF reference, same machine, same run (pytest-benchmark).
+
+    nox -s bench                      # all; or: nox -s bench -- -k dense
+    python -m harness.bench_table results/bench/latest.json
+
+Warm-up: 2 steps (graph/kernel caches, allocator); measured: 5 rounds of 1 step. On a GPU the torch
+step is synchronised before the timer stops. Batch 300, full-size models, one fixed batch and ε.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+WARMUP, ROUNDS = 2, 5
+LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
+
+
+def _side(kind: str, variant: str):
+    from harness.adapters.dpsom import TFReferenceDPSOM, TorchDPSOM
+    from ports.dpsom.config import get_config
+
+    cfg = get_config(variant)
+    if kind == "tf":
+        pytest.importorskip("tensorflow", reason="TensorFlow not installed: reference timings skipped")
+        return TFReferenceDPSOM(cfg)
+    return TorchDPSOM(cfg)
+
+
+@pytest.fixture(scope="module", params=["dense", "conv"])
+def variant(request):
+    return request.param
+
+
+@pytest.mark.parametrize("phase", ["vae", "som_init", "joint"])
+@pytest.mark.parametrize("kind", ["torch", "tf"])
+def test_step(benchmark, kind, variant, phase):
+    side = _side(kind, variant)
+    cfg = side.config
+    rng = np.random.default_rng(0)
+    x = rng.random((cfg.batch_size, *cfg.image_shape), dtype=np.float32)
+    eps = rng.standard_normal((cfg.batch_size, cfg.latent_dim), dtype=np.float32)
+    p = np.full((cfg.batch_size, cfg.n_nodes), 1.0 / cfg.n_nodes, np.float32)
+    sync = (lambda: None)
+    if kind == "torch":
+        import torch
+
+        if torch.cuda.is_available():
+            sync = torch.cuda.synchronize
+
+    def one_step():
+        side.step(phase, x, LR[phase], eps, p if phase == "joint" else None)
+        sync()
+
+    benchmark.extra_info.update(side=kind, variant=variant, phase=phase, batch_size=cfg.batch_size)
+    benchmark.pedantic(one_step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)

@@ -1,0 +1,47 @@
+"""``python -m harness.bench_table BENCH.json``: per-step medians of both sides and their ratio.
+
+Writes ``results/bench/dpsom-step-<env>.csv`` (fixed float format, sorted) from one pytest-benchmark
+run, so every ratio compares numbers measured in the same run on the same machine.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+
+def table(bench_json: Path) -> pd.DataFrame:
+    doc = json.loads(bench_json.read_text())
+    rows = [
+        {**{k: b["extra_info"][k] for k in ("side", "variant", "phase")}, "median_s": b["stats"]["median"], "min_s": b["stats"]["min"], "rounds": b["stats"]["rounds"]}
+        for b in doc["benchmarks"]
+    ]
+    df = pd.DataFrame(rows)
+    wide = df.pivot_table(index=["variant", "phase"], columns="side", values="median_s")
+    if {"torch", "tf"} <= set(wide.columns):
+        wide["ratio_torch_over_tf"] = wide["torch"] / wide["tf"]
+    wide = wide.reset_index().sort_values(["variant", "phase"])
+    info = doc.get("machine_info", {})
+    wide["cpu"] = info.get("cpu", {}).get("brand_raw", "?")
+    wide["cores"] = info.get("cpu", {}).get("count", "?")
+    return wide
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = argv if argv is not None else sys.argv[1:]
+    src = Path(args[0] if args else "results/bench/latest.json")
+    df = table(src)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    out = src.parent / f"dpsom-step-torch{'.'.join(torch.__version__.split('.')[:2])}-{device}.csv"
+    df.to_csv(out, index=False, float_format="%.4f")
+    print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(f"written: {out}")
+
+
+if __name__ == "__main__":
+    main()
