@@ -4,7 +4,9 @@ Quick tier (the default, minutes on a 2-core CPU, offline): for each variant the
 built with its native initialisation (graph seed 2020), its weights are transplanted into the port,
 one real data batch and one ε draw (numpy PCG64) are fed to both, and the harness compares, element
 by element, every named forward tensor, every loss term, and every parameter + the optimizer state
-after one step of each phase (VAE, SOM-init, joint, in that order, sharing one optimizer).
+after one step of each phase (VAE, SOM-init, joint, in that order, sharing one optimizer): the
+gradients of the phase's loss are compared, then the port's optimizer applies the reference's own
+gradients, so that the update is checked in isolation from gradient rounding.
 
 Tolerances: the noise floor of a tensor is how far the port in float32 lands from the port in
 float64 on the same inputs (what float32 rounding alone does to that computation); a tensor passes
@@ -82,9 +84,17 @@ def run_variant(variant: str, seed: int, dataset: str | None, multiple: float = 
     section("T1 weights (transplant)", weights, port.get_weights(), port.get_weights())
     section("T2 forward", ref.forward(x, eps), port.forward(x, eps), port64.forward(x, eps))
     section("T3 losses", ref.losses(x, eps, p), port.losses(x, eps, p), port64.losses(x, eps, p))
-    for phase in ("vae", "som_init", "joint"):
-        rec = [s.step(phase, x, PHASE_LR[phase], eps, p if phase == "joint" else None) for s in (ref, port, port64)]
-        section(f"T3 step {phase}: record", *rec)
+    for phase, loss_name in (("vae", "loss.elbo"), ("som_init", "loss.som_init"), ("joint", "loss.total")):
+        pp = p if phase == "joint" else None
+        grads = [s.gradients(loss_name, x, eps, p) for s in (ref, port, port64)]
+        section(f"T3 gradients of {loss_name}", *grads)
+        # The optimizer in isolation: the port applies the reference's own gradients, so the weights
+        # and optimizer state after the step may differ by float32 rounding of the update only (its
+        # floor: the float64 port given the same gradients; cancellation in m amplifies it).
+        rec = ref.step(phase, x, PHASE_LR[phase], eps, pp)
+        port_rec = port.apply_gradients(grads[0], PHASE_LR[phase])
+        port64.apply_gradients(grads[0], PHASE_LR[phase])
+        section(f"T3 step {phase}: lr, global_step", {k: rec[k] for k in port_rec}, port_rec, port_rec)
         section(f"T3 step {phase}: weights", ref.get_weights(), port.get_weights(), port64.get_weights())
         section(f"T3 step {phase}: optimizer", ref.optimizer_state(), port.optimizer_state(), port64.optimizer_state())
     results = [r for rs in sections.values() for r in rs]

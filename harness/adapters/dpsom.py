@@ -69,6 +69,38 @@ class TorchDPSOM:
     def step(self, phase: str, x: np.ndarray, lr_feed: float, eps: np.ndarray, p: np.ndarray | None) -> dict[str, float]:
         return self.trainer.step(phase, self._t(x), lr_feed, eps=self._t(eps), p=self._t(p))
 
+    def gradients(self, loss_name: str, x: np.ndarray, eps: np.ndarray, p: np.ndarray | None) -> dict[str, np.ndarray]:
+        """d loss / d parameter, canonical names and layout; parameters without gradient are absent."""
+        from harness.transplant import torch_to_canonical
+
+        phase = "som_init" if loss_name.startswith("loss.som_init") else "joint"
+        terms = self.trainer.compute_terms(phase, self._t(x), self._t(eps), self._t(p))
+        self.trainer.optimizer.zero_grad()
+        terms[loss_name].backward()
+        params = dict(self.trainer.model.named_parameters())
+        out = {
+            r.canonical: torch_to_canonical(params[r.torch_key].grad.numpy(), r.torch_transform)
+            for r in self.trainer.model._table
+            if r.torch_key in params and params[r.torch_key].grad is not None
+        }
+        self.trainer.optimizer.zero_grad()
+        return out
+
+    def apply_gradients(self, grads: dict[str, np.ndarray], lr_feed: float) -> dict[str, float]:
+        """One optimizer update from given canonical gradients (the other side's), isolating the optimizer."""
+        from harness.transplant import canonical_to_torch
+        from ports.dpsom.optim import effective_learning_rate
+
+        tr, cfg = self.trainer, self.config
+        lr = effective_learning_rate(lr_feed, tr.optimizer.global_step, cfg.decay_steps, cfg.decay_factor)
+        params = dict(tr.model.named_parameters())
+        tr.optimizer.zero_grad()
+        for r in tr.model._table:
+            if r.canonical in grads:
+                params[r.torch_key].grad = self._t(canonical_to_torch(np.asarray(grads[r.canonical]), r.torch_transform))
+        tr.optimizer.step(float(lr))
+        return {"lr": float(lr), "global_step": tr.optimizer.global_step}
+
     def optimizer_state(self) -> dict[str, Any]:
         return self.trainer.get_optimizer_state()
 
@@ -101,7 +133,10 @@ class TFReferenceDPSOM:
         return {k: float(v) for k, v in self.model.losses(x, eps, p).items()}
 
     def step(self, phase: str, x: np.ndarray, lr_feed: float, eps: np.ndarray, p: np.ndarray | None) -> dict[str, float]:
-        return self.trainer.step(phase, x, lr_feed, eps=eps, p=p)
+        return self.trainer.step(phase, x, lr_feed, eps=eps, p=p, all_terms=False)
+
+    def gradients(self, loss_name: str, x: np.ndarray, eps: np.ndarray, p: np.ndarray | None) -> dict[str, np.ndarray]:
+        return self.model.gradients(loss_name, x, eps, p)
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.model.get_optimizer_state()

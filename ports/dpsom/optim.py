@@ -38,9 +38,10 @@ class TF1Adam:
     """``tf.compat.v1.train.AdamOptimizer`` semantics over named parameters (see module docstring).
 
     Runs on torch's fused Adam kernel (7x faster than unfused ops on the 64 M-parameter conv head),
-    which is the same update once two things are set before every step: ε' = ε/√(1-β2^t) turns
-    torch's ``m̂/(√v̂ + ε')`` into TF1's ``√(1-β2^t)/(1-β1^t) · m/(√v + ε)``, and every parameter's step
-    count is forced to the global t (TF's shared ``beta1_power``/``beta2_power``).
+    which is the same update once lr, ε and the step count are set before every step: with
+    lr' = α·(1-β1^t)/√(1-β2^t) and ε' = ε/√(1-β2^t), torch's ``lr'/(1-β1^t) · m/(√v/√(1-β2^t) + ε')``
+    is TF1's ``α · m/(√v + ε)``, α = lr·√(1-beta2_power)/(1-beta1_power) in float32; every parameter's
+    step count is forced to the global t (TF's shared ``beta1_power``/``beta2_power``).
     """
 
     def __init__(
@@ -53,7 +54,9 @@ class TF1Adam:
         self.params = dict(named_params)
         self.beta1, self.beta2, self.epsilon = F32(beta1), F32(beta2), F32(epsilon)
         params = list(self.params.values())
-        self._adam = torch.optim.Adam(params, lr=1e-3, betas=(beta1, beta2), eps=epsilon, fused=params[0].dtype != torch.float64 or None)
+        # TF's β are float32 tensors: 1 - 0.999f = 0.00099998713, not 0.001 (1.3e-5 relative in v).
+        betas = (float(self.beta1), float(self.beta2))
+        self._adam = torch.optim.Adam(params, lr=1e-3, betas=betas, eps=epsilon, fused=params[0].dtype != torch.float64 or None)
         for p in params:  # pre-initialised, so a parameter first trained late still uses the global t
             self._adam.state[p] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
         self.m = {n: self._adam.state[p]["exp_avg"] for n, p in self.params.items()}
@@ -75,9 +78,15 @@ class TF1Adam:
         for p in self.params.values():
             if p.grad is not None:
                 self._adam.state[p]["step"].fill_(t - 1)  # Adam increments it to t
+        # TF's step size comes from the float32 accumulators: 1 - beta2_power loses ~1e-5 relative
+        # to cancellation after a few steps, so α is computed exactly as TF does and torch's own
+        # bias corrections (1 - β^t in double) are divided back out of lr and ε.
+        alpha = F32(lr) * np.sqrt(F32(1) - self.beta2_power) / (F32(1) - self.beta1_power)
+        bc1 = 1.0 - float(self.beta1) ** t
+        bc2_sqrt = math.sqrt(1.0 - float(self.beta2) ** t)
         group = self._adam.param_groups[0]
-        group["lr"] = float(lr)
-        group["eps"] = float(self.epsilon) / math.sqrt(1.0 - float(self.beta2) ** t)
+        group["lr"] = float(alpha) * bc1 / bc2_sqrt
+        group["eps"] = float(self.epsilon) / bc2_sqrt
         self._adam.step()
         self.beta1_power = F32(self.beta1_power * self.beta1)
         self.beta2_power = F32(self.beta2_power * self.beta2)
