@@ -124,9 +124,11 @@ def z_dist_flat(z: Tensor, embeddings_flat: Tensor) -> Tensor:
 
 
 def student_t_q(z_dist: Tensor, alpha: float, eps: float) -> Tensor:
-    """``q_ij ∝ (1 + d_ij/alpha)^(-(alpha+1)/2) + eps``, eps added before normalising (Keras epsilon)."""
-    t = 1.0 / (1.0 + z_dist / alpha)
-    t = t.pow((alpha + 1.0) / 2.0) + eps
+    """``q_ij ∝ eps + 1 / (1 + d_ij/alpha)^((alpha+1)/2)``, eps added before normalising (Keras epsilon).
+
+    Power first, then the reciprocal, in the original's order (reciprocal-first differs by ~6e-7 relative).
+    """
+    t = eps + 1.0 / (1.0 + z_dist / alpha).pow((alpha + 1.0) / 2.0)
     return t / t.sum(dim=1, keepdim=True)
 
 

@@ -1,0 +1,4 @@
+"""DPSOM TF reference (tf.compat.v1 graph + TFP): the original ratschlab/dpsom code as executed.
+
+Mirrors ports/dpsom file for file: config, model, losses, optim, train, evaluate.
+"""

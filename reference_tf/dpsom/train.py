@@ -1,0 +1,306 @@
+"""Training of the DPSOM TF reference: the original's three phases on the original's graph.
+
+Reproduces ``train_model`` of ``DPSOM.py`` (github ratschlab/dpsom, commit 8e3cddc, HEAD eb41e7d;
+paper arXiv 1910.01590), specs/dpsom.md §6:
+
+1. VAE pretraining: ``epochs_pretrain`` (15) epochs of the ELBO at ``learning_rate_pretrain``;
+2. SOM initialisation: ``L_a`` for ``som_init_epochs_per_stage`` (5) epochs at each of the LRs
+   0.9 / 0.3 / 0.1 / 0.01;
+3. joint training: ``num_epochs`` (300) epochs of the total loss at ``learning_rate``; at the start
+   of every epoch q is computed for the whole training set (chunks of 5 100, one fresh ε per
+   example) and the DEC target p from it; batch ``ii`` uses rows ``ii*B .. ii*B+B-1`` of p.
+
+One in-order batch generator runs through all phases (``n_train // batch_size`` full batches per
+pass, remainder dropped); the learning rate fed per phase is decayed on the shared global step
+(optim.py). A checkpoint with the original variable names is written after every epoch.
+
+Deviations (logging only, no effect on the update rule):
+
+* The original's extra logging ``session.run``s (§6.5: a val and a train loss every 100 steps in
+  phases 1–2; a val loss after every joint step plus 4 runs every 100 steps; a q pass over the
+  whole val stream at the start of every joint epoch) are not evaluated. Each of them drew one
+  fresh ε of its batch size from the single native ε op, so by default (``replay_rng=True``)
+  ``fit`` advances that stream by exactly those draws without computing anything else: a native
+  run of ``fit`` then consumes the same ε as ``DPSOM.py`` and (same seed, same data, CPU) follows
+  the original's trajectory bit for bit. TensorBoard scalars are written from the values fetched
+  with each training step instead of from the logging runs.
+* Resume restarts every native random stream (a new ``Session``), and the batch generator at the
+  start of a pass, which is where every epoch starts; a resumed run is therefore no longer on the
+  original's ε stream.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from reference_tf import require_tensorflow
+from reference_tf.dpsom.config import DPSOMConfig, get_config, parse_overrides
+from reference_tf.dpsom.losses import target_distribution
+from reference_tf.dpsom.model import LOSS_KEYS, DPSOM
+from reference_tf.dpsom.optim import PHASE_LOSS, PHASES
+
+tf = require_tensorflow()
+
+# The loss terms each phase's objective is made of (fetched with its train op by fit()).
+PHASE_TERMS = {
+    "vae": ("loss.elbo.nll", "loss.elbo.kl", "loss.elbo"),
+    "som_init": ("loss.som_init.commit", "loss.som_init.som", "loss.som_init"),
+    "joint": ("loss.elbo.nll", "loss.elbo.kl", "loss.elbo", "loss.kl_pq", "loss.som", "loss.total"),
+}
+RUN_KEYS = ("variant", "data_dir", "out_dir", "resume", "results_dir", "progress")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN/inf; the message names step, phase, epoch, term and last checkpoint."""
+
+
+@dataclass(frozen=True)
+class Epoch:
+    phase: str
+    lr_feed: float
+    index: int  # 0-based position in the whole schedule
+
+
+def schedule(config: DPSOMConfig) -> list[Epoch]:
+    """The original's epoch plan: VAE, then 4 SOM-init LR stages, then joint epochs."""
+    plan = [("vae", config.learning_rate_pretrain)] * config.epochs_pretrain
+    for lr in config.som_init_learning_rates:
+        plan += [("som_init", lr)] * config.som_init_epochs_per_stage
+    plan += [("joint", config.learning_rate)] * config.num_epochs
+    return [Epoch(phase, float(lr), i) for i, (phase, lr) in enumerate(plan)]
+
+
+class Trainer:
+    """Runs the original's train ops on a :class:`~reference_tf.dpsom.model.DPSOM`."""
+
+    def __init__(self, config: DPSOMConfig, model: DPSOM | None = None):
+        if model is not None and model.config != config:
+            raise ValueError("Trainer config and model config differ")
+        self.config = config
+        self.model = model if model is not None else DPSOM(config)
+
+    @property
+    def global_step(self) -> int:
+        return int(self.model.session.run(self.model.global_step))
+
+    def step(self, phase: str, x, lr_feed: float, eps=None, p=None, all_terms: bool = True) -> dict:
+        """One optimiser step of ``phase`` ("vae" | "som_init" | "joint").
+
+        Returns the loss terms evaluated in the same ``session.run`` as the update, i.e. on the
+        pre-update weights and the same ε (every term when ``all_terms``, otherwise the phase's
+        own), ``lr`` (effective, on the pre-increment global step) and ``global_step`` after the
+        update. The joint phase needs ``p``; the other phases default it to uniform (it only
+        enters the reported ``loss.kl_pq`` / ``loss.total``).
+        """
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
+        if phase == "joint" and p is None:
+            raise ValueError("the joint phase needs the target distribution p for this batch")
+        m = self.model
+        terms = LOSS_KEYS if all_terms else PHASE_TERMS[phase]
+        fetch = {name: m.loss_tensors[name] for name in terms}
+        fetch["lr"] = m.optim.lr
+        fetch["_train"] = m.optim.train_ops[phase]
+        values = m.session.run(fetch, m._feed(x, eps, p, lr_feed, need_p=True))  # noqa: SLF001
+        record = {name: float(values[name]) for name in terms}
+        record["lr"] = float(values["lr"])
+        record["global_step"] = self.global_step
+        return record
+
+    def q_all(self, x, chunk: int = 5100, eps=None, n_chunks: int | None = None) -> np.ndarray:
+        """Soft assignments q [N, K] for a whole set, one ``session.run`` per chunk (fresh ε each,
+        or rows of ``eps`` [N, D] when given).
+
+        ``n_chunks=10`` splits like the original's per-epoch pass (chunks of ``N // 10``, the last
+        one taking the remainder; 10 x 5 100 for MNIST) instead of fixed ``chunk`` sizes.
+        """
+        m = self.model
+        if n_chunks is not None:
+            size = len(x) // n_chunks
+            bounds = [(i * size, (i + 1) * size if i < n_chunks - 1 else len(x)) for i in range(n_chunks)]
+        else:
+            bounds = [(s, min(s + chunk, len(x))) for s in range(0, len(x), chunk)]
+        out = []
+        for start, stop in bounds:
+            e = None if eps is None else eps[start:stop]
+            out.append(m.session.run(m.forward_tensors["som.q"], m._feed(x[start:stop], e)))  # noqa: SLF001
+        return np.concatenate(out)
+
+    def get_optimizer_state(self) -> dict:
+        return self.model.get_optimizer_state()
+
+    def set_optimizer_state(self, state: dict) -> None:
+        self.model.set_optimizer_state(state)
+
+    # ------------------------------------------------------------------------------------------
+    def fit(self, data, out_dir=None, resume: bool = False, progress: bool = True, log_every: int = 100,
+            keep_checkpoints: int = 3, evaluate_at_end: bool = True, stop_after: int | None = None,
+            replay_rng: bool = True) -> dict:
+        """Run the whole schedule on ``data`` (``harness.data.DPSOMData``-like: ``x_train``,
+        ``x_eval``, ``y_eval``); returns ``{"metrics": ..., "global_step": ..., "epochs": ...}``.
+
+        ``out_dir`` receives ``checkpoints/epoch-NNNN*`` (original variable names), ``state.json``
+        and ``tensorboard/``; ``resume=True`` continues after the last completed epoch.
+        ``stop_after=N`` stops once N epochs of the schedule are complete (a chunked run; resume
+        later), without the final evaluation. ``replay_rng`` advances the native ε stream by the
+        draws of the original's logging runs (module docstring); it needs ``data.x_val``.
+        """
+        from harness.data import batches
+
+        from reference_tf.dpsom.evaluate import evaluate
+        from tqdm.auto import tqdm
+
+        cfg, m = self.config, self.model
+        B = cfg.batch_size
+        steps = len(data.x_train) // B
+        if steps == 0:
+            raise ValueError(f"no full batch: {len(data.x_train)} training images < batch_size {B}")
+        plan = schedule(cfg)
+        out = Path(out_dir) if out_dir is not None else None
+        done, last_ckpt = 0, None
+        if out is not None:
+            (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        state_path = out / "state.json" if out is not None else None
+        if resume:
+            if state_path is None or not state_path.exists():
+                raise FileNotFoundError(f"resume=True but no {state_path} to resume from")
+            state = json.loads(state_path.read_text())
+            if state["config"] != json.loads(cfg.to_json()):
+                raise ValueError(f"{state_path}: the checkpointed run used a different config")
+            m.restore(state["checkpoint"])
+            done, last_ckpt = int(state["epochs_done"]), state["checkpoint"]
+
+        writer = None
+        if out is not None:
+            with m.graph.as_default():
+                writer = tf.compat.v1.summary.FileWriter(str(out / "tensorboard"))
+        gen = batches(data.x_train, B)
+        bar = tqdm(total=len(plan) * steps, initial=done * steps, disable=not progress, desc="DPSOM (TF reference)")
+        end = len(plan) if stop_after is None else max(done, min(len(plan), int(stop_after)))
+        try:
+            for epoch in plan[done:end]:
+                p_epoch = None
+                if epoch.phase == "joint":
+                    p_epoch = target_distribution(self.q_all(data.x_train, n_chunks=10))
+                    if replay_rng:  # the original's q pass over the whole val stream
+                        m.skip_native_eps(len(data.x_val))
+                for ii in range(steps):
+                    x = next(gen)
+                    p = None if p_epoch is None else p_epoch[ii * B : (ii + 1) * B]
+                    record = self.step(epoch.phase, x, epoch.lr_feed, p=p, all_terms=False)
+                    if replay_rng:  # the original's logging runs after this train step
+                        if epoch.phase == "joint":
+                            m.skip_native_eps(B, 1 + (4 if ii % 100 == 0 else 0))
+                        elif ii % 100 == 0:
+                            m.skip_native_eps(B, 2)
+                    bad = [k for k in PHASE_TERMS[epoch.phase] if not math.isfinite(record[k])]
+                    if bad:
+                        raise NonFiniteLossError(
+                            f"non-finite {bad[0]}={record[bad[0]]} (all non-finite: {bad}) at global step "
+                            f"{record['global_step'] - 1} (phase {epoch.phase!r}, epoch {epoch.index + 1}/{len(plan)}, "
+                            f"batch {ii}); last good checkpoint: {last_ckpt}"
+                        )
+                    gs = record["global_step"]
+                    if writer is not None and (gs % log_every == 0 or ii == steps - 1):
+                        values = [tf.compat.v1.Summary.Value(tag=f"{epoch.phase}/{k}", simple_value=record[k])
+                                  for k in (*PHASE_TERMS[epoch.phase], "lr")]
+                        writer.add_summary(tf.compat.v1.Summary(value=values), gs)
+                    bar.set_postfix(phase=epoch.phase, loss=f"{record[PHASE_LOSS[epoch.phase]]:.4g}", refresh=False)
+                    bar.update(1)
+                if out is not None:
+                    last_ckpt = m.save(str(out / "checkpoints" / f"epoch-{epoch.index + 1:04d}"))
+                    state = {"epochs_done": epoch.index + 1, "checkpoint": last_ckpt,
+                             "global_step": self.global_step, "config": json.loads(cfg.to_json())}
+                    tmp = state_path.with_suffix(".json.tmp")
+                    tmp.write_text(json.dumps(state, indent=1))
+                    os.replace(tmp, state_path)
+                    _prune(out / "checkpoints", keep_checkpoints)
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        finished = end == len(plan)
+        result = {"global_step": self.global_step, "epochs_done": end, "epochs": len(plan),
+                  "checkpoint": last_ckpt, "finished": finished}
+        if evaluate_at_end and finished:
+            result["metrics"] = evaluate(m, data.x_eval, data.y_eval)
+        return result
+
+
+def _prune(directory: Path, keep: int) -> None:
+    names = {os.path.basename(f).split(".")[0] for f in glob.glob(str(directory / "epoch-*.*"))}
+    prefixes = [str(directory / name) for name in sorted(names)]
+    for prefix in prefixes[:-keep] if keep > 0 else []:
+        for f in glob.glob(prefix + ".*"):
+            os.remove(f)
+
+
+def environment() -> dict[str, Any]:
+    """Versions and device of this process (harness.env's fingerprint when available)."""
+    try:
+        from harness.env import fingerprint
+
+        info = dict(fingerprint())
+    except ImportError:
+        import platform
+
+        info = {"python": platform.python_version(), "platform": platform.platform()}
+    import tensorflow_probability as tfp
+    import tf_keras
+
+    info.update({"version.tensorflow": tf.__version__, "version.tf_keras": tf_keras.__version__,
+                 "version.tensorflow_probability": tfp.__version__, "version.numpy": np.__version__,
+                 "tf.gpus": [d.name for d in tf.config.list_physical_devices("GPU")]})
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """``python -m reference_tf.dpsom.train [variant=dense] [data_dir=..] [out_dir=..] [resume=True]
+    [results_dir=results] [key=value ...]`` with any DPSOMConfig field as ``key``."""
+    args = parse_overrides(sys.argv[1:] if argv is None else list(argv))
+    run = {k: args.pop(k) for k in RUN_KEYS if k in args}
+    variant = run.get("variant", "dense")
+    try:
+        config = get_config(variant, **args)
+    except KeyError as err:
+        raise SystemExit(f"error: {err.args[0]}; run-level keys: {list(RUN_KEYS)}") from None
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    truthy = ("1", "true", "yes")
+    resume = str(run.get("resume", "false")).lower() in truthy
+    progress = str(run.get("progress", "true")).lower() in truthy
+    out_dir = Path(run.get("out_dir", f"runs/dpsom-reference_tf-{variant}-seed{config.random_seed}"))
+
+    from harness.data import dpsom_splits, load_raw
+
+    data = dpsom_splits(load_raw(config.data_set, path=run.get("data_dir")), config.validation)
+    start = time.time()
+    trainer = Trainer(config)
+    result = trainer.fit(data, out_dir=out_dir, resume=resume, progress=progress)
+    record = {
+        "model": "dpsom", "side": "reference_tf", "variant": variant, "data_set": config.data_set,
+        "eval_set": getattr(data, "eval_set", None), "metrics": result["metrics"],
+        "global_step": result["global_step"], "wall_s": round(time.time() - start, 3),
+        "checkpoint": result["checkpoint"], "config": json.loads(config.to_json()), "environment": environment(),
+    }
+    results_dir = Path(run.get("results_dir", "results"))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"dpsom-reference_tf-{variant}-{config.data_set}-seed{config.random_seed}.json"
+    path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    print(json.dumps(record["metrics"], sort_keys=True))
+    print(f"wrote {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()
