@@ -88,12 +88,13 @@ def run_variant(variant: str, seed: int, dataset: str | None, multiple: float = 
         pp = p if phase == "joint" else None
         grads = [s.gradients(loss_name, x, eps, p) for s in (ref, port, port64)]
         section(f"T3 gradients of {loss_name}", *grads)
-        # The optimizer in isolation: the port applies the reference's own gradients, so the weights
-        # and optimizer state after the step may differ by float32 rounding of the update only (its
-        # floor: the float64 port given the same gradients; cancellation in m amplifies it).
-        rec = ref.step(phase, x, PHASE_LR[phase], eps, pp)
-        port_rec = port.apply_gradients(grads[0], PHASE_LR[phase])
-        port64.apply_gradients(grads[0], PHASE_LR[phase])
+        # The optimizer in isolation: the port applies the gradients the reference's train op itself
+        # applied (fetched in the same session.run), so the weights and optimizer state after the
+        # step may differ by float32 rounding of the update only (its floor: the float64 port given
+        # the same gradients; cancellation in m amplifies it).
+        rec = ref.step(phase, x, PHASE_LR[phase], eps, pp, return_gradients=True)
+        port_rec = port.apply_gradients(rec["gradients"], PHASE_LR[phase])
+        port64.apply_gradients(rec["gradients"], PHASE_LR[phase])
         section(f"T3 step {phase}: lr, global_step", {k: rec[k] for k in port_rec}, port_rec, port_rec)
         section(f"T3 step {phase}: weights", ref.get_weights(), port.get_weights(), port64.get_weights())
         section(f"T3 step {phase}: optimizer", ref.optimizer_state(), port.optimizer_state(), port64.optimizer_state())

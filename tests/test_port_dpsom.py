@@ -19,7 +19,7 @@ from ports.dpsom.losses import (
     neighbour_nodes,
     target_distribution,
 )
-from ports.dpsom.model import DPSOM, fill_triangular_indices, student_t_q
+from ports.dpsom.model import DPSOM, student_t_q
 from ports.dpsom.optim import TF1Adam, effective_learning_rate
 from ports.dpsom.train import Trainer, fit, schedule
 
@@ -63,15 +63,8 @@ def test_unknown_config_key_lists_valid_keys():
 # --- posterior ---------------------------------------------------------------------------------
 
 
-def test_fill_triangular_matches_tfp_order_3x3():
+def test_posterior_fill_triangular_order_and_softplus_diagonal():
     # TFP: reshape [r[3:], reverse(r)] = (4,5,6,6,5,4,3,2,1) to 3x3 and keep the lower triangle.
-    r = np.arange(1, 7)
-    idx = fill_triangular_indices(3)
-    filled = np.where(idx >= 0, r[np.maximum(idx, 0)], 0)
-    np.testing.assert_array_equal(filled, [[4, 0, 0], [6, 5, 0], [3, 2, 1]])
-
-
-def test_posterior_scale_tril_softplus_diagonal():
     model = _model("tiny-dense", latent_dim=3)
     with torch.no_grad():
         model.posterior.head.weight.zero_()

@@ -132,8 +132,9 @@ class TFReferenceDPSOM:
     def losses(self, x: np.ndarray, eps: np.ndarray, p: np.ndarray) -> dict[str, float]:
         return {k: float(v) for k, v in self.model.losses(x, eps, p).items()}
 
-    def step(self, phase: str, x: np.ndarray, lr_feed: float, eps: np.ndarray, p: np.ndarray | None) -> dict[str, float]:
-        return self.trainer.step(phase, x, lr_feed, eps=eps, p=p, all_terms=False)
+    def step(self, phase: str, x: np.ndarray, lr_feed: float, eps: np.ndarray, p: np.ndarray | None,
+             return_gradients: bool = False) -> dict[str, Any]:
+        return self.trainer.step(phase, x, lr_feed, eps=eps, p=p, all_terms=False, return_gradients=return_gradients)
 
     def gradients(self, loss_name: str, x: np.ndarray, eps: np.ndarray, p: np.ndarray | None) -> dict[str, np.ndarray]:
         return self.model.gradients(loss_name, x, eps, p)

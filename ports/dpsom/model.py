@@ -42,6 +42,44 @@ def _glorot(module: nn.Module) -> nn.Module:
     return module
 
 
+class _OneDNNLinear(torch.autograd.Function):
+    """``x W^T + b`` with oneDNN's fp32 GEMM forward (what TF's CPU MatMul runs); backward as F.linear's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weight = ctx.saved_tensors
+        gx = grad @ weight if ctx.needs_input_grad[0] else None
+        gw = grad.t() @ x if ctx.needs_input_grad[1] else None
+        gb = grad.sum(0) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+class Dense(nn.Linear):
+    """Keras ``Dense`` (Glorot-uniform kernel, zero bias), stored torch-style [out, in].
+
+    On CPU in float32 the forward GEMM goes through oneDNN instead of MKL: same IEEE float32
+    arithmetic in another summation order, 1.6x faster on the 2000 x 5150 posterior head on AMD
+    EPYC (MKL 48 ms, oneDNN 30 ms, batch 300), where MKL takes its generic code path.
+    """
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features)
+        _glorot(self)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and _ONEDNN:
+            return _OneDNNLinear.apply(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class FrozenBatchNorm(nn.Module):
     """Keras BatchNormalization as the original executes it.
 
@@ -71,37 +109,24 @@ class FrozenBatchNorm(nn.Module):
         return x * inv.view(shape) + (self.beta - self.moving_mean * inv).view(shape)
 
 
-def fill_triangular_indices(n: int) -> np.ndarray:
-    """Index into ``r`` (length n(n+1)/2) for each entry of TFP's lower ``fill_triangular``; -1 above.
-
-    TFP reshapes the concatenation ``[r[n:], reverse(r)]`` to n x n and keeps the lower triangle:
-    for n = 3, r = (1..6) the rows are (4), (6, 5), (3, 2, 1).
-    """
-    m = n * (n + 1) // 2
-    order = np.concatenate([np.arange(n, m), np.arange(m)[::-1]]).reshape(n, n)
-    return np.where(np.tril(np.ones((n, n), dtype=bool)), order, -1)
-
-
 class TriLPosterior(nn.Module):
     """``tfp.layers.MultivariateNormalTriL(D)``: head -> (mu, L) with L = FillScaleTriL(r)."""
 
     def __init__(self, in_features: int, latent_dim: int) -> None:
         super().__init__()
         self.latent_dim = latent_dim
-        self.head = _glorot(nn.Linear(in_features, latent_dim + latent_dim * (latent_dim + 1) // 2))
-        idx = fill_triangular_indices(latent_dim)
-        n_entries = latent_dim * (latent_dim + 1) // 2
-        # Upper-triangle positions read a zero appended after r.
-        self.register_buffer("tril_index", torch.from_numpy(np.where(idx < 0, n_entries, idx).reshape(-1)), persistent=False)
+        self.head = Dense(in_features, latent_dim + latent_dim * (latent_dim + 1) // 2)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         d = self.latent_dim
         head = self.head(h)
         mu, raw = head[:, :d], head[:, d:]
-        padded = F.pad(raw, (0, 1))
-        filled = padded[:, self.tril_index].view(-1, d, d)
-        diag = F.softplus(torch.diagonal(filled, dim1=-2, dim2=-1)) + TRIL_DIAG_SHIFT
-        scale_tril = torch.tril(filled, diagonal=-1) + torch.diag_embed(diag)
+        # TFP's fill_triangular itself: [r[d:], reverse(r)] reshaped to d x d, lower triangle kept
+        # (for r = 1..6: rows (4), (6, 5), (3, 2, 1)). A copy, not a gather: its backward is
+        # a flip and a slice instead of an accumulating scatter (13 ms of a 200 ms dense step).
+        full = torch.cat([raw[:, d:], raw.flip(-1)], dim=1).view(-1, d, d)
+        scale_tril = torch.tril(full)
+        scale_tril.diagonal(dim1=-2, dim2=-1).copy_(F.softplus(full.diagonal(dim1=-2, dim2=-1)) + TRIL_DIAG_SHIFT)
         return head, mu, scale_tril
 
 
@@ -139,7 +164,7 @@ class DenseEncoder(nn.Module):
         super().__init__()
         dims = (cfg.n_pixels, *cfg.dense_enc_dims)
         for i in range(len(cfg.dense_enc_dims)):
-            setattr(self, f"fc{i + 1}", _glorot(nn.Linear(dims[i], dims[i + 1])))
+            setattr(self, f"fc{i + 1}", Dense(dims[i], dims[i + 1]))
             setattr(self, f"bn{i + 1}", FrozenBatchNorm(dims[i + 1], cfg.bn_epsilon, cfg.bn_mode))
         self.n_blocks, self.slope = len(cfg.dense_enc_dims), cfg.leaky_relu_slope
 
@@ -158,10 +183,10 @@ class DenseDecoder(nn.Module):
         super().__init__()
         dims = (cfg.latent_dim, *reversed(cfg.dense_enc_dims))
         for i in range(len(cfg.dense_enc_dims)):
-            setattr(self, f"fc{i + 1}", _glorot(nn.Linear(dims[i], dims[i + 1])))
+            setattr(self, f"fc{i + 1}", Dense(dims[i], dims[i + 1]))
             setattr(self, f"bn{i + 1}", FrozenBatchNorm(dims[i + 1], cfg.bn_epsilon, cfg.bn_mode))
         self.n_blocks, self.slope, self.image_shape = len(cfg.dense_enc_dims), cfg.leaky_relu_slope, cfg.image_shape
-        setattr(self, f"fc{self.n_blocks + 1}", _glorot(nn.Linear(dims[-1], cfg.n_pixels)))
+        setattr(self, f"fc{self.n_blocks + 1}", Dense(dims[-1], cfg.n_pixels))
 
     def forward(self, z: Tensor, out: dict[str, Tensor]) -> Tensor:
         h = z
@@ -211,7 +236,7 @@ class ConvDecoder(nn.Module):
         super().__init__()
         h, w, c = cfg.conv_feature_shape
         self.feature_shape, self.slope = (h, w, c), cfg.leaky_relu_slope
-        self.fc1 = _glorot(nn.Linear(cfg.latent_dim, h * w * c))
+        self.fc1 = Dense(cfg.latent_dim, h * w * c)
         chans = tuple(reversed(cfg.conv_channels))  # 256, 128, 64, 32
         for i in range(3):
             setattr(self, f"deconv{i + 1}", _glorot(nn.ConvTranspose2d(chans[i], chans[i + 1], 3, padding=1)))

@@ -312,6 +312,12 @@ class DPSOM:
         with tf.compat.v1.name_scope("evaluation"):
             self.k_mean = tf.argmin(L.z_dist_flat(self.posterior.loc, emb, cfg.som_dim), axis=-1)
         self._index_variables()
+        with tf.compat.v1.name_scope("applied_gradients"), _densify_quietly():
+            canonical_of = {var_name: c for c, var_name in self._weight_rows.items()}
+            self.applied_gradients = {
+                phase: {canonical_of[v.op.name]: tf.convert_to_tensor(g) for g, v in gvs}
+                for phase, gvs in self.optim.grads_and_vars.items()
+            }
         with tf.compat.v1.name_scope("assign"):
             self._assign = {}
             for var_name, var in self._vars.items():

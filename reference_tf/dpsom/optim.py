@@ -37,6 +37,7 @@ class Optim:
     optimizer: Any  # tf.compat.v1.train.AdamOptimizer
     lr: Any  # effective learning rate tensor (float32)
     train_ops: dict  # phase -> train op
+    grads_and_vars: dict  # phase -> [(gradient, variable)] that the train op applies
 
 
 def learning_rate(lr_feed, global_step, config: DPSOMConfig):
@@ -55,7 +56,11 @@ def build(losses: dict, global_step, lr_feed, config: DPSOMConfig) -> Optim:
     optimizer = tf.compat.v1.train.AdamOptimizer(
         lr, beta1=ADAM_BETA1, beta2=ADAM_BETA2, epsilon=ADAM_EPSILON
     )
-    joint = optimizer.minimize(losses["loss.total"], global_step=global_step)
-    vae = optimizer.minimize(losses["loss.elbo"], global_step=global_step)
-    som_init = optimizer.minimize(losses["loss.som_init"], global_step=global_step)
-    return Optim(optimizer=optimizer, lr=lr, train_ops={"joint": joint, "vae": vae, "som_init": som_init})
+    # ``minimize`` is exactly compute_gradients + apply_gradients; split here so that the harness
+    # can fetch the very gradients each train op applies (same session.run, same rounding).
+    grads_and_vars, train_ops = {}, {}
+    for phase in ("joint", "vae", "som_init"):  # the original's creation order
+        gvs = optimizer.compute_gradients(losses[PHASE_LOSS[phase]])
+        grads_and_vars[phase] = [(g, v) for g, v in gvs if g is not None]
+        train_ops[phase] = optimizer.apply_gradients(grads_and_vars[phase], global_step=global_step)
+    return Optim(optimizer=optimizer, lr=lr, train_ops=train_ops, grads_and_vars=grads_and_vars)

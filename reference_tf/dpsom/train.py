@@ -93,14 +93,17 @@ class Trainer:
     def global_step(self) -> int:
         return int(self.model.session.run(self.model.global_step))
 
-    def step(self, phase: str, x, lr_feed: float, eps=None, p=None, all_terms: bool = True) -> dict:
+    def step(self, phase: str, x, lr_feed: float, eps=None, p=None, all_terms: bool = True,
+             return_gradients: bool = False) -> dict:
         """One optimiser step of ``phase`` ("vae" | "som_init" | "joint").
 
         Returns the loss terms evaluated in the same ``session.run`` as the update, i.e. on the
         pre-update weights and the same ε (every term when ``all_terms``, otherwise the phase's
         own), ``lr`` (effective, on the pre-increment global step) and ``global_step`` after the
         update. The joint phase needs ``p``; the other phases default it to uniform (it only
-        enters the reported ``loss.kl_pq`` / ``loss.total``).
+        enters the reported ``loss.kl_pq`` / ``loss.total``). ``return_gradients`` adds
+        ``"gradients"``: {canonical name: the gradient this train op applied}, fetched in the same
+        ``session.run``.
         """
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
@@ -111,10 +114,14 @@ class Trainer:
         fetch = {name: m.loss_tensors[name] for name in terms}
         fetch["lr"] = m.optim.lr
         fetch["_train"] = m.optim.train_ops[phase]
+        if return_gradients:
+            fetch["_gradients"] = m.applied_gradients[phase]
         values = m.session.run(fetch, m._feed(x, eps, p, lr_feed, need_p=True))  # noqa: SLF001
         record = {name: float(values[name]) for name in terms}
         record["lr"] = float(values["lr"])
         record["global_step"] = self.global_step
+        if return_gradients:
+            record["gradients"] = values["_gradients"]
         return record
 
     def q_all(self, x, chunk: int = 5100, eps=None, n_chunks: int | None = None) -> np.ndarray:
