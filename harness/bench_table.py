@@ -27,6 +27,15 @@ def table(bench_json: Path) -> pd.DataFrame:
     info = doc.get("machine_info", {})
     wide["cpu"] = info.get("cpu", {}).get("brand_raw", "?")
     wide["cores"] = info.get("cpu", {}).get("count", "?")
+    wide["rounds"] = int(df["rounds"].min())
+    wide["datetime"] = doc.get("datetime", "?")
+    for package in ("torch", "tensorflow"):
+        try:
+            from importlib.metadata import version
+
+            wide[f"{package}_version"] = version(package)
+        except Exception:  # noqa: BLE001 -- a torch-only run has no TF version to record
+            wide[f"{package}_version"] = "absent"
     return wide
 
 
