@@ -78,7 +78,39 @@ def compare(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: flo
         verdict = "INACCURATE"
     else:
         verdict = "FAIL"
-    return Comparison(name, a.shape, max_abs, float(rel.max()), float(diff.mean()), worst, floor, multiple, tol, verdict)
+    note = constant_ratio(a64, b64) if verdict == "FAIL" else ""
+    return Comparison(name, a.shape, max_abs, float(rel.max()), float(diff.mean()), worst, floor, multiple, tol, verdict, note)
+
+
+def constant_ratio(a: np.ndarray, b: np.ndarray, spread: float = 1e-4) -> str:
+    """Name a reduction / convention mismatch: ``b = c·a`` with one factor c for every element.
+
+    ``spread``: the ratio may vary by float32 rounding of two long reductions (~1e-6 relative) and
+    nothing more; 1e-4 keeps a genuinely different computation from looking like a rescaling.
+    """
+    mask = (a != 0) & np.isfinite(a) & np.isfinite(b)
+    if not mask.any():
+        return ""
+    ratio = b[mask] / a[mask]
+    c = float(np.median(ratio))
+    if c == 0 or abs(c - 1) < spread or np.max(np.abs(ratio / c - 1)) > spread:
+        return ""
+    for n, label in ((c, "x"), (1 / c, "x 1/")):
+        if n >= 2 and abs(n - round(n)) < spread * n:
+            return f"constant ratio B/A = {label}{round(n)} (a reduction/convention mismatch: sum vs mean?)"
+    return f"constant ratio B/A = {c:.6g} (a reduction/convention mismatch?)"
+
+
+def compare_exact(name: str, a: np.ndarray, b: np.ndarray) -> Comparison:
+    """Bit for bit (transplant round trips): PASS only when shape, dtype and every byte agree."""
+    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return _fail(name, f"shape/dtype {a.shape} {a.dtype} vs {b.shape} {b.dtype}", a.shape)
+    if a.tobytes() == b.tobytes():
+        return Comparison(name, a.shape, 0.0, 0.0, 0.0, (), 0.0, 0.0, 0.0, "PASS", "bit-exact")
+    n = int(np.count_nonzero(a != b))
+    max_abs = float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+    return Comparison(name, a.shape, max_abs, float("nan"), float("nan"), (), 0.0, 0.0, 0.0, "FAIL", f"{n} of {a.size} elements differ")
 
 
 def compare_all(

@@ -1,16 +1,22 @@
 """``nox -s parity``: the PyTorch port against the TF reference on the same weights and the same noise.
 
 Quick tier (the default, minutes on a 2-core CPU, offline): for each variant the TF reference is
-built with its native initialisation (graph seed 2020), its weights are transplanted into the port,
-one real data batch and one ε draw (numpy PCG64) are fed to both, and the harness compares, element
-by element, every named forward tensor, every loss term, and every parameter + the optimizer state
-after one step of each phase (VAE, SOM-init, joint, in that order, sharing one optimizer): the
-gradients of the phase's loss are compared, then the port's optimizer applies the reference's own
-gradients, so that the update is checked in isolation from gradient rounding.
+built with its native initialisation (graph seed 2020), one real data batch and one ε draw (numpy
+PCG64) are fed to both sides, and the harness compares, element by element:
 
-Tolerances: the noise floor of a tensor is how far the port in float32 lands from the port in
-float64 on the same inputs (what float32 rounding alone does to that computation); a tensor passes
-when |TF - torch| <= MULTIPLE x floor. Both numbers are stored with every verdict.
+* T0 the learning-rate schedule each side executes (probed at global steps 0 … 10 000);
+* T1 the weights after TF -> torch -> TF (bit-exact);
+* T2 every named forward tensor; T3 every loss term, the gradients of each phase's loss, and every
+  parameter + the optimizer state after one step of each phase (VAE, SOM-init, joint, in that order,
+  one shared optimizer). For the step, the port's optimizer applies the gradients the reference's
+  train op applied, so the update is checked in isolation from gradient rounding.
+
+Tolerances: a tensor's noise floor is the largest of what harmless perturbations do to it on each
+side alone: float32 vs float64 (the port), and splitting the batch into two halves (the reference,
+whose samples are independent: the reduction order of every batch sum changes, nothing else; not
+the port, where a sample-coupling bug would widen its own band). TF gives identical results with 1
+and 2 threads (measured), so thread count adds nothing here. A tensor passes when |TF - torch| <=
+MULTIPLE x floor; floor components and the multiple are stored in the report.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.compare import Comparison, compare_all, first_divergence, format_table
+from harness.compare import Comparison, compare_all, compare_exact, first_divergence, format_table
 from harness.env import fingerprint, seed_all
 
 # |TF32 - torch32| vs |torch32 - torch64|: two float32 computations of the same function each sit
@@ -33,6 +39,8 @@ from harness.env import fingerprint, seed_all
 # thousands of terms in a different order add a few more. 10 leaves room for that and nothing more.
 MULTIPLE = 10.0
 PHASE_LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
+FAR_SOM = 300.0  # embeddings scale of the far-SOM probe (z_dist ~ 1e2-1e4 at initialisation)
+PHASE_LOSSES = (("vae", "loss.elbo"), ("som_init", "loss.som_init"), ("joint", "loss.total"))
 
 
 def _data_batch(dataset: str | None, batch_size: int) -> tuple[np.ndarray, str]:
@@ -52,6 +60,7 @@ def _data_batch(dataset: str | None, batch_size: int) -> tuple[np.ndarray, str]:
 
 
 def _floors(a32: dict[str, Any], a64: dict[str, Any]) -> dict[str, float]:
+    """Per-name max |a32 - a64| over float tensors present on both sides."""
     return {
         k: float(np.max(np.abs(np.asarray(a32[k], np.float64) - np.asarray(a64[k], np.float64)))) if np.size(a32[k]) else 0.0
         for k in a32
@@ -59,68 +68,231 @@ def _floors(a32: dict[str, Any], a64: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def _split(fn, x: np.ndarray, eps: np.ndarray, p: np.ndarray, per_sample: bool) -> dict[str, Any]:
+    """``fn`` on the two halves of the batch, recombined: rows concatenated (per-sample tensors) or
+    averaged with the halves' sizes as weights (every DPSOM loss is a batch mean, so in exact
+    arithmetic that is its value and its gradients). Only the float rounding of the batch reductions changes."""
+    n, h = len(x), len(x) // 2
+    a, b = fn(x[:h], eps[:h], p[:h]), fn(x[h:], eps[h:], p[h:])
+    if per_sample:
+        return {k: np.concatenate([a[k], b[k]]) for k in a}
+    return {k: (h * np.asarray(a[k], np.float64) + (n - h) * np.asarray(b[k], np.float64)) / n for k in a}
+
+
+def _max_floors(*floors: dict[str, float]) -> dict[str, float]:
+    return {k: max(f.get(k, 0.0) for f in floors) for k in floors[0]}
+
+
+class QuickTier:
+    """T0–T3 on one batch for one variant; the TF reference is built once and reset before each run,
+    so that many ports (or planted mutants) can be judged against it cheaply.
+
+    ``run(make_port)`` takes ``make_port(config, dtype) -> side`` (default: the PyTorch port).
+    """
+
+    def __init__(self, variant: str, seed: int = 0, dataset: str | None = None, multiple: float = MULTIPLE):
+        from harness.adapters.dpsom import TFReferenceDPSOM
+        from ports.dpsom.config import get_config
+
+        self.variant, self.seed, self.multiple = variant, seed, multiple
+        self.config = cfg = get_config(variant)
+        rng = np.random.Generator(np.random.PCG64(seed))
+        self.x, self.data_name = _data_batch(dataset, cfg.batch_size)
+        self.eps = rng.standard_normal((cfg.batch_size, cfg.latent_dim)).astype(np.float32)
+        q = rng.dirichlet(np.ones(cfg.n_nodes), size=cfg.batch_size)
+        self.p = ((q**2 / q.sum(0)) / (q**2 / q.sum(0)).sum(1, keepdims=True)).astype(np.float32)
+        self.ref = TFReferenceDPSOM(cfg)
+        self.weights0, self.optimizer0 = self.ref.get_weights(), self.ref.optimizer_state()
+        # Reference values and their batch-split floors, computed on first use and reused by later
+        # runs: the reference is reset and stepped identically in every run, so they do not change.
+        self._ref_cache: dict[str, tuple[dict, dict]] = {}
+
+    def _ref(self, key: str) -> tuple[dict, dict]:
+        if key not in self._ref_cache:
+            ref, x, eps, p = self.ref, self.x, self.eps, self.p
+            fn = {"forward": lambda a, b, c: ref.forward(a, b), "forward_far": lambda a, b, c: ref.forward(a, b),
+                  "losses": ref.losses}.get(key, lambda a, b, c: ref.gradients(key, a, b, c))
+            self._ref_cache[key] = (fn(x, eps, p), _split(fn, x, eps, p, per_sample=key.startswith("forward")))
+        return self._ref_cache[key]
+
+    def run(self, make_port=None) -> dict[str, Any]:
+        from harness.adapters.dpsom import TorchDPSOM
+        from harness.transplant import TransplantError
+
+        make_port = make_port or TorchDPSOM
+        cfg, x, eps, p, ref = self.config, self.x, self.eps, self.p, self.ref
+        t0 = time.perf_counter()
+        ref.set_weights(self.weights0)
+        ref.set_optimizer_state(self.optimizer0)
+        sections: dict[str, list[Comparison]] = {}
+        floors: dict[str, dict[str, dict[str, float]]] = {}
+
+        port, port64 = make_port(cfg, "float32"), make_port(cfg, "float64")
+
+        # T0: behaviour probes (measured through each side's own code, not read from its config).
+        probes = [(lr, s) for lr in (1.0,) for s in (0, 1, 999, 1000, 1001, 4999, 5000, 10000)]
+        sections["T0 learning-rate schedule"] = compare_all(
+            {f"lr@{s}": np.float32(ref.learning_rate_at(lr, s)) for lr, s in probes},
+            {f"lr@{s}": np.float32(port.learning_rate_at(lr, s)) for lr, s in probes}, {}, 1.0)
+
+        # T1: TF -> torch -> TF must be bit-exact.
+        try:
+            port.set_weights(self.weights0)
+            port64.set_weights(self.weights0)
+        except TransplantError as err:
+            sections["T1 weights (transplant)"] = [Comparison("set_weights", (), *[float("nan")] * 3, (), 0.0, 0.0, 0.0, "FAIL", str(err))]
+            return self._report(sections, floors, t0)
+        back = port.get_weights()
+        sections["T1 weights (transplant)"] = [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in self.weights0.items()]
+
+        def section(name: str, key: str, t32: dict, t64: dict) -> None:
+            # No batch split on the port: a port that wrongly couples samples (BN on batch statistics)
+            # would widen its own band by exactly its bug. Its float64 twin runs the same code.
+            ref_full, ref_split = self._ref(key)
+            parts = {"float64": _floors(t32, t64), "split_tf": _floors(ref_full, ref_split)}
+            floors[name] = parts
+            sections[name] = compare_all(ref_full, t32, _max_floors(*parts.values()), self.multiple)
+
+        section("T2 forward", "forward", port.forward(x, eps), port64.forward(x, eps))
+        # The same with the SOM moved far from z (embeddings x FAR_SOM): at initialisation every
+        # z_dist is small and q's Keras epsilon (1e-7) is invisible next to t ~ 1; trained models
+        # live where t ~ 1e-6 and the epsilon matters. This probe puts the port there.
+        far = {**self.weights0, "som.embeddings": self.weights0["som.embeddings"] * np.float32(FAR_SOM)}
+        for side in (ref, port, port64):
+            side.set_weights(far)
+        section("T2 forward, SOM far from z", "forward_far", port.forward(x, eps), port64.forward(x, eps))
+        for side in (ref, port, port64):
+            side.set_weights(self.weights0)
+        section("T3 losses", "losses", port.losses(x, eps, p), port64.losses(x, eps, p))
+        for phase, loss_name in PHASE_LOSSES:
+            pp = p if phase == "joint" else None
+            section(f"T3 gradients of {loss_name}", loss_name, port.gradients(loss_name, x, eps, p), port64.gradients(loss_name, x, eps, p))
+            # The optimizer in isolation: the port applies the gradients the reference's train op
+            # itself applied (fetched in the same session.run), so weights and optimizer state after
+            # the step may differ by float32 rounding of the update only (floor: the float64 port given
+            # the same gradients; cancellation in m amplifies it).
+            rec = ref.step(phase, x, PHASE_LR[phase], eps, pp, return_gradients=True)
+            port_rec = port.apply_gradients(phase, rec["gradients"], PHASE_LR[phase])
+            port64.apply_gradients(phase, rec["gradients"], PHASE_LR[phase])
+            sections[f"T3 step {phase}: lr, global_step"] = compare_all({k: rec[k] for k in port_rec}, port_rec, {}, self.multiple)
+            for what, get in (("weights", "get_weights"), ("optimizer", "optimizer_state")):
+                t32, t64 = getattr(port, get)(), getattr(port64, get)()
+                floors[f"T3 step {phase}: {what}"] = {"float64": _floors(t32, t64)}
+                sections[f"T3 step {phase}: {what}"] = compare_all(getattr(ref, get)(), t32, _floors(t32, t64), self.multiple)
+        return self._report(sections, floors, t0)
+
+    def _report(self, sections: dict[str, list[Comparison]], floors: dict, t0: float) -> dict[str, Any]:
+        results = [r for rs in sections.values() for r in rs]
+        first = first_divergence(results)
+        first_section = next((name for name, rs in sections.items() if first in rs), None)
+        verdicts = {r.verdict for r in results}
+        return {
+            "model": "dpsom",
+            "variant": self.variant,
+            "tier": "quick",
+            "data": self.data_name,
+            "seed": self.seed,
+            "multiple": self.multiple,
+            "config": self.config.to_dict(),
+            "environment": fingerprint(),
+            "seconds": time.perf_counter() - t0,
+            "first_divergence": None if first is None else {"section": first_section, **first.to_dict()},
+            "sections": {k: [r.to_dict() for r in v] for k, v in sections.items()},
+            "floors": floors,
+            "verdict": "FAIL" if "FAIL" in verdicts else ("INACCURATE" if "INACCURATE" in verdicts else "PASS"),
+            "_sections": sections,
+        }
+
+
 def run_variant(variant: str, seed: int, dataset: str | None, multiple: float = MULTIPLE) -> dict[str, Any]:
-    from harness.adapters.dpsom import TFReferenceDPSOM, TorchDPSOM
-    from ports.dpsom.config import get_config
+    """The quick tier of the faithful port for one variant."""
+    return QuickTier(variant, seed, dataset, multiple).run()
 
-    cfg = get_config(variant)
-    rng = np.random.Generator(np.random.PCG64(seed))
-    x, data_name = _data_batch(dataset, cfg.batch_size)
-    eps = rng.standard_normal((cfg.batch_size, cfg.latent_dim)).astype(np.float32)
-    q = rng.dirichlet(np.ones(cfg.n_nodes), size=cfg.batch_size)
-    p = ((q**2 / q.sum(0)) / (q**2 / q.sum(0)).sum(1, keepdims=True)).astype(np.float32)
 
-    t0 = time.perf_counter()
-    ref = TFReferenceDPSOM(cfg)
-    weights = ref.get_weights()
-    port, port64 = TorchDPSOM(cfg), TorchDPSOM(cfg, "float64")
-    port.set_weights(weights)
-    port64.set_weights(weights)
-    sections: dict[str, list[Comparison]] = {}
+def _tree(rows: list[Comparison], first: Comparison | None) -> str:
+    """The forward tensors as the model's tree (encoder / posterior / decoder / som), the first
+    divergence marked like a failing assert."""
+    lines, last_group = [], None
+    for r in rows:
+        group, _, leaf = r.name.partition(".")
+        if group != last_group:
+            lines.append(f"  {group}")
+            last_group = group
+        mark = ">>" if r is first else ("  " if r.verdict == "PASS" else " !")
+        lines.append(f"  {mark}  {leaf or group:24s} {r.verdict:10s} max_abs {r.max_abs:.3g} / tol {r.tolerance:.3g}")
+    return "\n".join(lines)
 
-    def section(name: str, tf_vals: dict, t32: dict, t64: dict) -> None:
-        sections[name] = compare_all(tf_vals, t32, _floors(t32, t64), multiple)
 
-    section("T1 weights (transplant)", weights, port.get_weights(), port.get_weights())
-    section("T2 forward", ref.forward(x, eps), port.forward(x, eps), port64.forward(x, eps))
-    section("T3 losses", ref.losses(x, eps, p), port.losses(x, eps, p), port64.losses(x, eps, p))
-    for phase, loss_name in (("vae", "loss.elbo"), ("som_init", "loss.som_init"), ("joint", "loss.total")):
-        pp = p if phase == "joint" else None
-        grads = [s.gradients(loss_name, x, eps, p) for s in (ref, port, port64)]
-        section(f"T3 gradients of {loss_name}", *grads)
-        # The optimizer in isolation: the port applies the gradients the reference's train op itself
-        # applied (fetched in the same session.run), so the weights and optimizer state after the
-        # step may differ by float32 rounding of the update only (its floor: the float64 port given
-        # the same gradients; cancellation in m amplifies it).
-        rec = ref.step(phase, x, PHASE_LR[phase], eps, pp, return_gradients=True)
-        port_rec = port.apply_gradients(rec["gradients"], PHASE_LR[phase])
-        port64.apply_gradients(rec["gradients"], PHASE_LR[phase])
-        section(f"T3 step {phase}: lr, global_step", {k: rec[k] for k in port_rec}, port_rec, port_rec)
-        section(f"T3 step {phase}: weights", ref.get_weights(), port.get_weights(), port64.get_weights())
-        section(f"T3 step {phase}: optimizer", ref.optimizer_state(), port.optimizer_state(), port64.optimizer_state())
-    results = [r for rs in sections.values() for r in rs]
-    first = first_divergence(results)
-    return {
-        "model": "dpsom",
-        "variant": variant,
-        "tier": "quick",
-        "data": data_name,
-        "seed": seed,
-        "multiple": multiple,
-        "config": cfg.to_dict(),
-        "environment": fingerprint(),
-        "seconds": time.perf_counter() - t0,
-        "first_divergence": None if first is None else first.to_dict(),
-        "sections": {k: [r.to_dict() for r in v] for k, v in sections.items()},
-        "verdict": "PASS" if all(r.verdict == "PASS" for r in results) else ("FAIL" if any(r.verdict == "FAIL" for r in results) else "INACCURATE"),
-        "_sections": sections,
-    }
+def _write(report: dict, target: Path) -> None:
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1, default=str))  # insertion order = tier order
+    os.replace(tmp, target)
+
+
+def _quick(args, variant: str, out_dir: Path, flags: dict) -> int:
+    from harness.bn_detector import detect, differences
+    from harness.bn_detector import format_table as bn_table
+
+    tier = QuickTier(variant, args.seed, args.data)
+    report = tier.run()
+    sections = report.pop("_sections")
+    report["determinism"] = flags
+    print(f"\n=== {args.model} / {variant} / quick tier (T0-T3) on {report['data']} ({report['seconds']:.1f} s) ===")
+    for name, rows in sections.items():
+        bad = [r for r in rows if r.verdict != "PASS"]
+        worst = max(rows, key=lambda r: (r.max_abs / r.tolerance) if r.tolerance and r.tolerance == r.tolerance else 0.0)
+        print(f"{name:36s} {len(rows) - len(bad):3d}/{len(rows):3d} PASS   worst: {worst.name} "
+              f"max_abs {worst.max_abs:.3g} (tol {worst.tolerance:.3g})")
+        if bad:
+            print(format_table(bad))
+    first_rows = [r for rs in sections.values() for r in rs]
+    first = first_divergence(first_rows)
+    if first is not None and first in sections.get("T2 forward", []):
+        print("model tree (T2 forward):\n" + _tree(sections["T2 forward"], first))
+    print(f"verdict: {report['verdict']}" + (f" — first divergence: {first.name} in {report['first_divergence']['section']} ({first.verdict}) {first.note}" if first else ""))
+
+    # BatchNorm behaviour and ordering, measured on both sides (harness.bn_detector).
+    from harness.adapters.dpsom import TorchDPSOM
+
+    port = TorchDPSOM(tier.config)
+    port.set_weights(tier.weights0)
+    table = detect({"tf-reference": tier.ref, "torch-port": port}, tier.x[:8], tier.eps[:8])
+    diff = differences(table)
+    print("\nBatchNorm behaviour (measured):\n" + bn_table(table))
+    report["batchnorm"] = {"table": table.to_dict(orient="records"), "differences": diff.to_dict(orient="records")}
+    if len(diff):
+        report["verdict"] = "FAIL"
+    _write(report, out_dir / f"{args.model}-{variant}-quick.json")
+    return int(report["verdict"] == "FAIL")
+
+
+def _t4(args, variant: str, out_dir: Path) -> int:
+    from harness.training_parity import figure, run
+
+    report = run(variant, args.steps, args.seed, args.data, epoch_steps=args.epoch_steps)
+    stem = out_dir / f"{args.model}-{variant}-T4-{args.steps}steps"
+    figure(report, stem.with_suffix(".png"))
+    _write(report, stem.with_suffix(".json"))
+    g = report["growth"]
+    print(f"\n=== {args.model} / {variant} / T4: {args.steps} steps on {report['data']} ({report['seconds']:.1f} s) ===")
+    print(f"max relative weight difference at the end: torch vs TF {g['torch_vs_tf'][-1]:.3g}, "
+          f"torch float32 vs float64 {g['torch32_vs_torch64'][-1]:.3g}")
+    ex = report["first_exit"]
+    print("verdict: " + ("PASS (inside the band at every step)" if ex is None else
+                         f"leaves the band at step {ex['step']} ({ex['phase']}) on {ex['quantity']}: "
+                         f"|TF - torch| {abs(ex.get('tf', float('nan')) - ex.get('torch', float('nan'))):.3g} > band {ex.get('band', float('nan')):.3g}"))
+    print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.png')}")
+    return int(ex is not None)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nox -s parity --", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dpsom", choices=["dpsom"])
     parser.add_argument("--variant", action="append", choices=["dense", "conv", "tiny-dense", "tiny-conv"])
+    parser.add_argument("--tier", default="quick", choices=["quick", "4", "all"],
+                        help="quick = T0-T3 + BatchNorm detector (default); 4 = N-step training; all = both")
+    parser.add_argument("--steps", type=int, default=50, help="T4: training steps through the three phases")
+    parser.add_argument("--epoch-steps", type=int, default=10, help="T4: steps per epoch (p is recomputed per joint epoch)")
     parser.add_argument("--seed", type=int, default=0, help="numpy PCG64 seed for every injected random quantity")
     parser.add_argument("--data", default=None, help="dataset name (default: MNIST if found offline, else the embedded 'digits')")
     parser.add_argument("--out", default="results/parity", help="directory for the JSON reports")
@@ -129,25 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     status = 0
+    t0 = time.perf_counter()
     for variant in args.variant or ["dense", "conv"]:
-        report = run_variant(variant, args.seed, args.data)
-        sections = report.pop("_sections")
-        report["determinism"] = flags
-        print(f"\n=== {args.model} / {variant} / quick tier on {report['data']} ({report['seconds']:.1f} s) ===")
-        for name, rows in sections.items():
-            bad = [r for r in rows if r.verdict != "PASS"]
-            worst = max(rows, key=lambda r: (r.max_abs / r.tolerance) if r.tolerance and r.tolerance == r.tolerance else 0.0)
-            print(f"{name:36s} {len(rows) - len(bad):3d}/{len(rows):3d} PASS   worst: {worst.name} "
-                  f"max_abs {worst.max_abs:.3g} (tol {worst.tolerance:.3g})")
-            if bad:
-                print(format_table(bad))
-        first = report["first_divergence"]
-        print(f"verdict: {report['verdict']}" + (f" — first divergence: {first['name']} ({first['verdict']})" if first else ""))
-        target = out_dir / f"{args.model}-{variant}-quick.json"
-        tmp = target.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1, sort_keys=True, default=str))
-        os.replace(tmp, target)
-        status |= report["verdict"] == "FAIL"
+        if args.tier in ("quick", "all"):
+            status |= _quick(args, variant, out_dir, flags)
+        if args.tier in ("4", "all"):
+            status |= _t4(args, variant, out_dir)
+    print(f"\nparity job: {time.perf_counter() - t0:.0f} s wall, exit {status}")
     return int(status)
 
 

@@ -6,11 +6,14 @@ lazily, so a torch-only machine can still drive the port.
 Protocol: ``get_weights() / set_weights(dict)`` in canonical layout; ``forward(x, eps)`` -> every
 named tensor; ``losses(x, eps, p)`` -> every loss term; ``step(phase, x, lr_feed, eps, p)`` -> the
 per-step record; ``optimizer_state()`` -> canonical optimizer state; ``describe()`` -> what the side
-actually executes (for the config-as-executed record).
+actually executes (for the config-as-executed record); ``trace(x, eps, step=None)`` -> the forward
+tensors plus the input of every BatchNorm, from one run (harness/bn_detector.py).
 """
 
 from __future__ import annotations
 
+import functools
+import re
 from typing import Any, Protocol
 
 import numpy as np
@@ -86,12 +89,20 @@ class TorchDPSOM:
         self.trainer.optimizer.zero_grad()
         return out
 
-    def apply_gradients(self, grads: dict[str, np.ndarray], lr_feed: float) -> dict[str, float]:
+    def learning_rate_at(self, lr_feed: float, global_step: int) -> float:
+        """The effective LR the port's step uses at ``global_step`` (the Trainer's own function)."""
+        from ports.dpsom.optim import effective_learning_rate
+
+        return float(effective_learning_rate(lr_feed, global_step, self.config.decay_steps, self.config.decay_factor))
+
+    def apply_gradients(self, phase: str, grads: dict[str, np.ndarray], lr_feed: float) -> dict[str, float]:
         """One optimizer update from given canonical gradients (the other side's), isolating the optimizer."""
         from harness.transplant import canonical_to_torch
         from ports.dpsom.optim import effective_learning_rate
 
         tr, cfg = self.trainer, self.config
+        if phase != tr.phase:
+            tr.begin_phase(phase)
         lr = effective_learning_rate(lr_feed, tr.optimizer.global_step, cfg.decay_steps, cfg.decay_factor)
         params = dict(tr.model.named_parameters())
         tr.optimizer.zero_grad()
@@ -103,6 +114,42 @@ class TorchDPSOM:
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.trainer.get_optimizer_state()
+
+    def set_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.trainer.set_optimizer_state(state)
+
+    def trace(self, x: np.ndarray, eps: np.ndarray, step: tuple[str, float] | None = None) -> dict[str, np.ndarray]:
+        """Every forward tensor of ONE run plus ``<bn>.input``, the tensor each BatchNorm received (NHWC).
+
+        In the mode a training step runs in. With ``step=(phase, lr_feed)`` ("vae" or "som_init") the
+        run is the forward inside that optimizer step, which is taken: the batch statistics a moving-
+        statistics update used, dropout masks included, are the ones returned.
+        """
+        from ports.dpsom.model import FrozenBatchNorm
+
+        model, seen = self.trainer.model, {}
+
+        def keep_input(name: str):
+            def hook(module, args, output) -> None:
+                t = args[0].detach()
+                seen[f"{name}.input"] = (t.permute(0, 2, 3, 1) if t.dim() == 4 else t).numpy().copy()
+            return hook
+
+        def keep_outputs(module, args, output) -> None:
+            seen.update({k: v.detach().numpy().copy() for k, v in output.items()})
+
+        hooks = [m.register_forward_hook(keep_input(n)) for n, m in model.named_modules() if isinstance(m, FrozenBatchNorm)]
+        hooks.append(model.register_forward_hook(keep_outputs))
+        try:
+            if step is None:
+                with self._torch.no_grad():
+                    model(self._t(x), self._t(eps))
+            else:
+                self.step(step[0], x, step[1], eps, None)
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen
 
 
 class TFReferenceDPSOM:
@@ -141,3 +188,38 @@ class TFReferenceDPSOM:
 
     def optimizer_state(self) -> dict[str, Any]:
         return self.model.get_optimizer_state()
+
+    def set_optimizer_state(self, state: dict[str, Any]) -> None:
+        self.model.set_optimizer_state(state)
+
+    @functools.cached_property
+    def _bn_inputs(self) -> dict[str, Any]:
+        """Per BN output in ``forward_tensors``, the one float tensor entering that layer's name scope
+        from outside (Dropout's output in the dense encoder, the LeakyReLU elsewhere): read off the
+        graph, so what feeds each BN is measured, not assumed."""
+        import tensorflow as tf
+
+        ops, found = self.model.graph.get_operations(), {}
+        for name, out in self.model.forward_tensors.items():
+            if not re.fullmatch(r"(encoder|decoder)\.bn\d+", name):
+                continue
+            scope = re.match(r".*?/batch_normalization(?:_\d+)?/", out.op.name).group(0)
+            feeds = {t.name: t for op in ops if op.name.startswith(scope) for t in op.inputs
+                     if not t.op.name.startswith(scope) and t.dtype == tf.float32 and t.shape.rank == out.shape.rank}
+            if len(feeds) != 1:
+                raise RuntimeError(f"{name}: expected one tensor entering {scope}, found {sorted(feeds)}")
+            found[name] = next(iter(feeds.values()))
+        return found
+
+    def trace(self, x: np.ndarray, eps: np.ndarray, step: tuple[str, float] | None = None) -> dict[str, np.ndarray]:
+        """As :meth:`TorchDPSOM.trace`: forward tensors + ``<bn>.input`` from one ``session.run``,
+        which with ``step=(phase, lr_feed)`` also runs that phase's train op."""
+        m = self.model
+        fetch: dict[str, Any] = {"values": {**m.forward_tensors, **{f"{n}.input": t for n, t in self._bn_inputs.items()}}}
+        if step is None:
+            return m.session.run(fetch, m._feed(x, eps))["values"]  # noqa: SLF001
+        fetch["_train"] = m.optim.train_ops[step[0]]
+        return m.session.run(fetch, m._feed(x, eps, None, step[1], need_p=True))["values"]  # noqa: SLF001
+
+    def learning_rate_at(self, lr_feed: float, global_step: int) -> float:
+        return self.model.learning_rate_at(lr_feed, global_step)

@@ -7,7 +7,8 @@ original code *executes* where it ignores its own config:
 * ``decay_steps = 1000``: ``DPSOM.py`` declares 5000 but never passes it to ``DPSOM(...)``, whose
   constructor default 1000 is what runs (specs/dpsom.md §1.2).
 * ``dropout = 0.4`` is kept for the record, but Keras' learning phase is never set, so Dropout is
-  inert and BatchNormalization is a frozen affine map (``bn_mode = "frozen_affine"``).
+  inert (``dropout_active = False``) and BatchNormalization is a frozen affine map
+  (``bn_mode = "frozen_affine"``) placed after the LeakyReLU (``bn_order = "after_activation"``).
 
 This module imports no framework, so a reference pinned to an older TensorFlow can use it.
 """
@@ -31,6 +32,10 @@ ADAM_EPSILON = 1e-8  # ... TF1's epsilon-hat, added to sqrt(v) *before* bias cor
 EMBEDDING_INIT_STDDEV = 0.05  # truncated normal, resampled outside +-2 sigma.
 
 BN_MODES = ("frozen_affine", "batch_stats")
+# Where every BN* sits in its block. "after_activation" (the original): Dense/Conv + LeakyReLU
+# (-> Dropout) -> BN. "before_activation" (the public port's dense blocks): Dense/Conv -> BN ->
+# LeakyReLU (-> Dropout).
+BN_ORDERS = ("after_activation", "before_activation")
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class DPSOMConfig:
     num_epochs: int = 300
     # behaviour switches: the defaults are the original's; anything else is a declared deviation
     bn_mode: str = "frozen_affine"
+    bn_order: str = "after_activation"  # BN_ORDERS; applies to every BN* block (dense and conv)
+    dropout_active: bool = False  # True: Dropout(`dropout`) fires in training mode (dense encoder only, as declared)
     bn_epsilon: float = KERAS_BN_EPSILON
     leaky_relu_slope: float = LEAKY_RELU_SLOPE
     q_epsilon: float = Q_EPSILON
@@ -78,6 +85,12 @@ class DPSOMConfig:
     def __post_init__(self) -> None:
         if self.bn_mode not in BN_MODES:
             raise ValueError(f"bn_mode={self.bn_mode!r}; expected one of {BN_MODES}")
+        if self.bn_order not in BN_ORDERS:
+            raise ValueError(f"bn_order={self.bn_order!r}; expected one of {BN_ORDERS}")
+        if not isinstance(self.dropout_active, bool):
+            raise ValueError(f"dropout_active={self.dropout_active!r}; expected True or False")
+        if self.dropout_active and not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout={self.dropout!r}: an active dropout rate must lie in [0, 1)")
         if self.eval_assignment not in ("sample", "mean"):
             raise ValueError(f"eval_assignment={self.eval_assignment!r}; expected 'sample' or 'mean'")
         if len(self.som_dim) != 2 or self.som_dim[0] != self.som_dim[1]:

@@ -17,6 +17,11 @@ from .config import DPSOMConfig
 from .model import student_t_q, z_dist_flat
 
 
+def sg(t: Tensor) -> Tensor:
+    """The paper's stop-gradient ``sg(·)`` (TF's ``tf.stop_gradient``)."""
+    return t.detach()
+
+
 def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     """``-(1/B) Σ_i Σ_p [x log σ(l) + (1-x) log(1-σ(l))]``: sum over pixels, mean over batch.
 
@@ -64,7 +69,7 @@ def loss_som(q: Tensor, q_ng: Tensor, som_dim: tuple[int, int]) -> Tensor:
     ``q_ng`` is q computed from sg(z), so the gradient reaches the embeddings only. No epsilon in the log.
     """
     log_neighbours = sum(torch.log(n) for n in _neighbour_maps(q_ng, som_dim))
-    return -(q.detach() * log_neighbours).sum(1).mean()
+    return -(sg(q) * log_neighbours).sum(1).mean()
 
 
 def neighbour_nodes(k: Tensor, som_dim: tuple[int, int]) -> Tensor:
@@ -83,7 +88,7 @@ def loss_som_init(z: Tensor, embeddings_flat: Tensor, k: Tensor, som_dim: tuple[
     ``L_commit_s = mean_{i,d} (sg z_i - m_{k_i})²`` over B·D; ``L_som_s`` the same over the node and its
     4 torus neighbours, a mean over B·5·D.
     """
-    zs = z.detach()
+    zs = sg(z)
     commit = (zs - embeddings_flat[k]).square().mean()
     som = (zs.unsqueeze(1) - embeddings_flat[neighbour_nodes(k, som_dim)]).square().mean()
     return {"loss.som_init.commit": commit, "loss.som_init.som": som, "loss.som_init": som + commit}
@@ -105,7 +110,7 @@ def elbo_terms(cfg: DPSOMConfig, out: dict[str, Tensor], x: Tensor) -> dict[str,
 def joint_terms(cfg: DPSOMConfig, out: dict[str, Tensor], x: Tensor, p: Tensor, embeddings_flat: Tensor) -> dict[str, Tensor]:
     """``L = θ·L_ELBO + γ·L_KL + β·L_SOM`` with every term."""
     terms = elbo_terms(cfg, out, x)
-    q_ng = student_t_q(z_dist_flat(out["z"].detach(), embeddings_flat), cfg.alpha, cfg.q_epsilon)
+    q_ng = student_t_q(z_dist_flat(sg(out["z"]), embeddings_flat), cfg.alpha, cfg.q_epsilon)
     terms["loss.kl_pq"] = loss_commit(p, out["som.q"])
     terms["loss.som"] = loss_som(out["som.q"], q_ng, cfg.som_dim)
     terms["loss.total"] = cfg.theta * terms["loss.elbo"] + cfg.gamma * terms["loss.kl_pq"] + cfg.beta * terms["loss.som"]

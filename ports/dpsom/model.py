@@ -17,13 +17,17 @@ What "faithful" means here (specs/dpsom.md §1, §3, §4):
 * Keras initialisers: Glorot-uniform kernels, zero biases, BN gamma 1 / beta 0, embeddings from a
   truncated normal (sd 0.05, cut at 2 sd).
 
-Deviations are explicit config switches (``bn_mode="batch_stats"``); none is on by default.
-``forward`` returns every named intermediate in canonical (TF/NHWC) layout, in execution order.
+Deviations are explicit config switches, none on by default: ``bn_mode="batch_stats"``,
+``bn_order="before_activation"`` (Dense/Conv -> BN -> LeakyReLU -> Dropout, the public port's
+dense ordering) and ``dropout_active=True`` (Dropout(``dropout``) fires in training mode, in the
+dense encoder where the original declares it). ``forward`` returns every named intermediate in
+canonical (TF/NHWC) layout, in execution order; whatever the order, ``*.bnN`` is the BN output and
+``*.fcN`` / ``*.convN`` / ``*.deconvN`` the LeakyReLU output of block N.
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -109,6 +113,30 @@ class FrozenBatchNorm(nn.Module):
         return x * inv.view(shape) + (self.beta - self.moving_mean * inv).view(shape)
 
 
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _block(pre: Tensor, bn: nn.Module, slope: float, order: str, out: dict[str, Tensor], act_name: str, bn_name: str,
+           view: Callable[[Tensor], Tensor] = _same, drop: Callable[[Tensor], Tensor] = _same) -> Tensor:
+    """LeakyReLU, BN* and dropout of one block after its Dense/Conv output ``pre``, in ``order``.
+
+    ``out[act_name]`` / ``out[bn_name]`` (through ``view``, e.g. to NHWC) are written in execution
+    order, so the forward dict lists them in the order they ran. Returns the block output.
+    """
+    if order == "after_activation":  # the original: act -> (dropout) -> BN
+        act = F.leaky_relu(pre, slope)
+        out[act_name] = view(act)
+        y = bn(drop(act))
+        out[bn_name] = view(y)
+        return y
+    y = bn(pre)  # "before_activation": BN -> act -> (dropout)
+    out[bn_name] = view(y)
+    act = F.leaky_relu(y, slope)
+    out[act_name] = view(act)
+    return drop(act)
+
+
 class TriLPosterior(nn.Module):
     """``tfp.layers.MultivariateNormalTriL(D)``: head -> (mu, L) with L = FillScaleTriL(r)."""
 
@@ -158,7 +186,12 @@ def student_t_q(z_dist: Tensor, alpha: float, eps: float) -> Tensor:
 
 
 class DenseEncoder(nn.Module):
-    """Dense+LeakyReLU -> (Dropout, inert) -> BN*, three times; the linear head lives in the posterior."""
+    """Dense+LeakyReLU -> (Dropout, inert) -> BN*, three times; the linear head lives in the posterior.
+
+    ``bn_order="before_activation"``: Dense -> BN* -> LeakyReLU -> Dropout. ``dropout_active``:
+    the dropout fires in training mode (keep with probability 1 - rate, kept values / (1 - rate),
+    as Keras), its uniforms drawn from ``generator`` (torch's global stream when None).
+    """
 
     def __init__(self, cfg: DPSOMConfig) -> None:
         super().__init__()
@@ -166,18 +199,25 @@ class DenseEncoder(nn.Module):
         for i in range(len(cfg.dense_enc_dims)):
             setattr(self, f"fc{i + 1}", Dense(dims[i], dims[i + 1]))
             setattr(self, f"bn{i + 1}", FrozenBatchNorm(dims[i + 1], cfg.bn_epsilon, cfg.bn_mode))
-        self.n_blocks, self.slope = len(cfg.dense_enc_dims), cfg.leaky_relu_slope
+        self.n_blocks, self.slope, self.order = len(cfg.dense_enc_dims), cfg.leaky_relu_slope, cfg.bn_order
+        self.rate = cfg.dropout if cfg.dropout_active else 0.0
 
-    def forward(self, x: Tensor, out: dict[str, Tensor]) -> Tensor:
+    def _dropout(self, t: Tensor, generator: torch.Generator | None) -> Tensor:
+        if not (self.training and self.rate > 0.0):
+            return t
+        keep = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device) >= self.rate
+        return t * keep.to(t.dtype) / (1.0 - self.rate)
+
+    def forward(self, x: Tensor, out: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         h = x.reshape(x.shape[0], -1)
         for i in range(1, self.n_blocks + 1):
-            h = out[f"encoder.fc{i}"] = F.leaky_relu(getattr(self, f"fc{i}")(h), self.slope)
-            h = out[f"encoder.bn{i}"] = getattr(self, f"bn{i}")(h)
+            h = _block(getattr(self, f"fc{i}")(h), getattr(self, f"bn{i}"), self.slope, self.order, out,
+                       f"encoder.fc{i}", f"encoder.bn{i}", drop=lambda t: self._dropout(t, generator))
         return h
 
 
 class DenseDecoder(nn.Module):
-    """Dense+LeakyReLU -> BN*, three times, then Dense(784) + LeakyReLU = the Bernoulli logits."""
+    """Dense+LeakyReLU -> BN* (``bn_order``), three times, then Dense(784) + LeakyReLU = the Bernoulli logits."""
 
     def __init__(self, cfg: DPSOMConfig) -> None:
         super().__init__()
@@ -186,13 +226,14 @@ class DenseDecoder(nn.Module):
             setattr(self, f"fc{i + 1}", Dense(dims[i], dims[i + 1]))
             setattr(self, f"bn{i + 1}", FrozenBatchNorm(dims[i + 1], cfg.bn_epsilon, cfg.bn_mode))
         self.n_blocks, self.slope, self.image_shape = len(cfg.dense_enc_dims), cfg.leaky_relu_slope, cfg.image_shape
+        self.order = cfg.bn_order
         setattr(self, f"fc{self.n_blocks + 1}", Dense(dims[-1], cfg.n_pixels))
 
     def forward(self, z: Tensor, out: dict[str, Tensor]) -> Tensor:
         h = z
         for i in range(1, self.n_blocks + 1):
-            h = out[f"decoder.fc{i}"] = F.leaky_relu(getattr(self, f"fc{i}")(h), self.slope)
-            h = out[f"decoder.bn{i}"] = getattr(self, f"bn{i}")(h)
+            h = _block(getattr(self, f"fc{i}")(h), getattr(self, f"bn{i}"), self.slope, self.order, out,
+                       f"decoder.fc{i}", f"decoder.bn{i}")
         logits = F.leaky_relu(getattr(self, f"fc{self.n_blocks + 1}")(h), self.slope)
         out["decoder.logits"] = logits = logits.view(-1, *self.image_shape)
         return logits
@@ -203,7 +244,7 @@ def _nhwc(t: Tensor) -> Tensor:
 
 
 class ConvEncoder(nn.Module):
-    """x - 0.5 -> [Conv3x3 same + LeakyReLU -> BN* (-> MaxPool2)] x 4 -> NHWC flatten."""
+    """x - 0.5 -> [Conv3x3 same + LeakyReLU -> BN* (``bn_order``) (-> MaxPool2)] x 4 -> NHWC flatten."""
 
     def __init__(self, cfg: DPSOMConfig) -> None:
         super().__init__()
@@ -211,17 +252,15 @@ class ConvEncoder(nn.Module):
         for i in range(4):
             setattr(self, f"conv{i + 1}", _glorot(nn.Conv2d(chans[i], chans[i + 1], 3, padding=1)))
             setattr(self, f"bn{i + 1}", FrozenBatchNorm(chans[i + 1], cfg.bn_epsilon, cfg.bn_mode, channel_dim=1))
-        self.slope = cfg.leaky_relu_slope
+        self.slope, self.order = cfg.leaky_relu_slope, cfg.bn_order
 
-    def forward(self, x: Tensor, out: dict[str, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, out: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
         h = x - 0.5
         out["encoder.input"] = h
         h = h.permute(0, 3, 1, 2)
         for i in range(1, 5):
-            h = F.leaky_relu(getattr(self, f"conv{i}")(h), self.slope)
-            out[f"encoder.conv{i}"] = _nhwc(h)
-            h = getattr(self, f"bn{i}")(h)
-            out[f"encoder.bn{i}"] = _nhwc(h)
+            h = _block(getattr(self, f"conv{i}")(h), getattr(self, f"bn{i}"), self.slope, self.order, out,
+                       f"encoder.conv{i}", f"encoder.bn{i}", view=_nhwc)
             if i <= 2:
                 h = F.max_pool2d(h, 2)
                 out[f"encoder.pool{i}"] = _nhwc(h)
@@ -230,12 +269,15 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Dense+LeakyReLU -> NHWC reshape -> [ConvT3x3 + LeakyReLU -> BN* (-> Upsample2)] x 3 -> Conv3x3 linear."""
+    """Dense+LeakyReLU -> NHWC reshape -> [ConvT3x3 + LeakyReLU -> BN* (-> Upsample2)] x 3 -> Conv3x3 linear.
+
+    LeakyReLU and BN* in the order ``bn_order`` says.
+    """
 
     def __init__(self, cfg: DPSOMConfig) -> None:
         super().__init__()
         h, w, c = cfg.conv_feature_shape
-        self.feature_shape, self.slope = (h, w, c), cfg.leaky_relu_slope
+        self.feature_shape, self.slope, self.order = (h, w, c), cfg.leaky_relu_slope, cfg.bn_order
         self.fc1 = Dense(cfg.latent_dim, h * w * c)
         chans = tuple(reversed(cfg.conv_channels))  # 256, 128, 64, 32
         for i in range(3):
@@ -247,10 +289,8 @@ class ConvDecoder(nn.Module):
         h = out["decoder.fc1"] = F.leaky_relu(self.fc1(z), self.slope)
         h = h.view(-1, *self.feature_shape).permute(0, 3, 1, 2)
         for i in range(1, 4):
-            h = F.leaky_relu(getattr(self, f"deconv{i}")(h), self.slope)
-            out[f"decoder.deconv{i}"] = _nhwc(h)
-            h = getattr(self, f"bn{i}")(h)
-            out[f"decoder.bn{i}"] = _nhwc(h)
+            h = _block(getattr(self, f"deconv{i}")(h), getattr(self, f"bn{i}"), self.slope, self.order, out,
+                       f"decoder.deconv{i}", f"decoder.bn{i}", view=_nhwc)
             if i >= 2:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
                 out[f"decoder.up{i - 1}"] = _nhwc(h)
@@ -282,7 +322,7 @@ class DPSOM(nn.Module):
         ``decode=False`` skips the decoder (SOM-initialisation steps do not need it; TF prunes it too).
         """
         out: dict[str, Tensor] = {}
-        h = self.encoder(x, out)
+        h = self.encoder(x, out, generator)
         out["posterior.head"], mu, scale_tril = self.posterior(h)
         out["posterior.mu"], out["posterior.scale_tril"] = mu, scale_tril
         if eps is None:

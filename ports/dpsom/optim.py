@@ -34,6 +34,11 @@ def effective_learning_rate(lr_feed: float, global_step: int, decay_steps: int, 
     return F32(lr_feed) * np.power(F32(decay_factor), F32(exponent))
 
 
+def epsilon_hat(epsilon: float, bc2_sqrt: float) -> float:
+    """TF1 adds ε to √v *before* bias correction; in torch's form (after it) that is ε/√(1-β2^t)."""
+    return epsilon / bc2_sqrt
+
+
 class TF1Adam:
     """``tf.compat.v1.train.AdamOptimizer`` semantics over named parameters (see module docstring).
 
@@ -86,7 +91,7 @@ class TF1Adam:
         bc2_sqrt = math.sqrt(1.0 - float(self.beta2) ** t)
         group = self._adam.param_groups[0]
         group["lr"] = float(alpha) * bc1 / bc2_sqrt
-        group["eps"] = float(self.epsilon) / bc2_sqrt
+        group["eps"] = epsilon_hat(float(self.epsilon), bc2_sqrt)
         self._adam.step()
         self.beta1_power = F32(self.beta1_power * self.beta1)
         self.beta2_power = F32(self.beta2_power * self.beta2)

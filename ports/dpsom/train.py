@@ -63,6 +63,12 @@ class Trainer:
         self.optimizer = TF1Adam(self.model.named_parameters())
         self.generator = generator if generator is not None else torch.Generator().manual_seed(config.random_seed)
         self._canonical = {r.torch_key: r for r in self.model._table}
+        self.phase: str | None = None
+
+    def begin_phase(self, phase: str) -> None:
+        """Called when the phase changes. Nothing is reset: the original's one Adam (slots, β powers,
+        global step) carries over from VAE pretraining to SOM initialisation to joint training."""
+        self.phase = phase
 
     @property
     def global_step(self) -> int:
@@ -91,6 +97,8 @@ class Trainer:
     def step(self, phase: str, x: np.ndarray | torch.Tensor, lr_feed: float, eps=None, p=None) -> dict[str, float]:
         """One optimizer step; returns the loss terms before the update, the effective LR, the new global step."""
         cfg = self.config
+        if phase != self.phase:
+            self.begin_phase(phase)
         lr = effective_learning_rate(lr_feed, self.optimizer.global_step, cfg.decay_steps, cfg.decay_factor)
         x = torch.as_tensor(x)
         terms = self.compute_terms(phase, x, self._eps(eps), None if p is None else torch.as_tensor(p))

@@ -109,10 +109,12 @@ class DPSOM:
     """
 
     def __init__(self, config: DPSOMConfig, seed: int | None = None):
-        if config.bn_mode != "frozen_affine":
+        deviations = {k: getattr(config, k) for k, v in (("bn_mode", "frozen_affine"), ("bn_order", "after_activation"),
+                      ("dropout_active", False)) if getattr(config, k) != v}
+        if deviations:
             raise NotImplementedError(
-                f"bn_mode={config.bn_mode!r}: the TF reference reproduces the original, whose Keras "
-                "learning phase is never set (BatchNormalization is a frozen affine map)"
+                f"{deviations}: the TF reference reproduces the original as executed (BatchNormalization "
+                "a frozen affine map after LeakyReLU, dropout never firing); these are port-only deviations"
             )
         self.config = config
         self.seed = config.random_seed if seed is None else int(seed)
@@ -438,6 +440,17 @@ class DPSOM:
     def set_weights(self, weights: dict) -> None:
         """Strict: every missing / unexpected / mis-shaped name is listed and nothing is written."""
         self._write(self._weight_rows, weights, "reference_tf DPSOM.set_weights")
+
+    def learning_rate_at(self, lr_feed: float, global_step: int) -> float:
+        """The effective LR the train ops would use at ``global_step`` (the variable is restored)."""
+        name = self._optim_vars["optim.global_step"]
+        ph, op = self._assign[name]
+        saved = self.session.run(self._vars[name])
+        try:
+            self.session.run(op, {ph: np.asarray(global_step, ph.dtype.as_numpy_dtype)})
+            return float(self.session.run(self.optim.lr, {self.lr_feed: lr_feed}))
+        finally:
+            self.session.run(op, {ph: saved})
 
     def get_optimizer_state(self) -> dict:
         """``optim.global_step``, ``optim.beta1_power``, ``optim.beta2_power``, ``<canonical>/adam_m|v``."""

@@ -1,0 +1,91 @@
+"""``python -m harness.readme [--check]``: render README's result tables from results/.
+
+Tables live between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers and are generated,
+never hand-written: ``parity`` from results/parity/*-quick.json, ``bench`` from results/bench/*.csv.
+``--check`` exits 1 (listing the stale tables) when README.md and results/ disagree; the test suite
+runs it, so CI fails on a README that does not match the stored results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parity(results: Path) -> str:
+    lines = []
+    for path in sorted((results / "parity").glob("*-quick.json")):
+        doc = json.loads(path.read_text())
+        first = doc["first_divergence"]
+        lines += [
+            f"**{doc['model']} / {doc['variant']}** on {doc['data']} (seed {doc['seed']}, tolerance = "
+            f"{doc['multiple']:g} × noise floor): verdict **{doc['verdict']}**"
+            + (f", first divergence `{first['name']}` in {first['section']}" if first else ""),
+            "",
+            "| section | PASS | worst tensor | max abs diff | tolerance |",
+            "|---|---|---|---|---|",
+        ]
+        for name, rows in doc["sections"].items():
+            n_pass = sum(r["verdict"] == "PASS" for r in rows)
+            worst = max(rows, key=lambda r: r["max_abs"] / r["tolerance"] if r["tolerance"] else 0.0)
+            lines.append(f"| {name} | {n_pass}/{len(rows)} | `{worst['name']}` | {worst['max_abs']:.3g} | {worst['tolerance']:.3g} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _bench(results: Path) -> str:
+    lines = []
+    for path in sorted((results / "bench").glob("*.csv")):
+        df = pd.read_csv(path)
+        row = df.iloc[0]
+        lines += [
+            f"`{path.name}`: {row['cpu']}, {row['cores']} cores, torch {row['torch_version']}, TF {row['tensorflow_version']}, "
+            f"median of {row['rounds']} steps (batch 300), one run",
+            "",
+            "| variant | phase | TF (ms) | torch (ms) | torch / TF |",
+            "|---|---|---|---|---|",
+        ]
+        for r in df.itertuples():
+            lines.append(f"| {r.variant} | {r.phase} | {1e3 * r.tf:.0f} | {1e3 * r.torch:.0f} | {r.ratio_torch_over_tf:.2f} |")
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+RENDERERS = {"parity": _parity, "bench": _bench}
+
+
+def render(readme: str, results: Path) -> str:
+    for name, fn in RENDERERS.items():
+        pattern = re.compile(rf"(<!-- {name}:begin -->).*?(<!-- {name}:end -->)", re.S)
+        if not pattern.search(readme):
+            raise ValueError(f"README.md: markers <!-- {name}:begin --> / <!-- {name}:end --> not found")
+        readme = pattern.sub(lambda m: f"{m.group(1)}\n{fn(results)}\n{m.group(2)}", readme)
+    return readme
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is not what results/ renders")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--results", type=Path, default=ROOT / "results")
+    args = parser.parse_args(argv)
+    current = args.readme.read_text()
+    wanted = render(current, args.results)
+    if args.check:
+        if current != wanted:
+            print(f"{args.readme} is stale: run `python -m harness.readme` after updating results/", file=sys.stderr)
+            return 1
+        return 0
+    args.readme.write_text(wanted)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

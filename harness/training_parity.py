@@ -1,0 +1,178 @@
+"""T4: N training steps of both sides through all three DPSOM phases under injected noise.
+
+Both sides start from the same weights (the reference's native initialisation, transplanted) and
+consume the same numpy PCG64 draws: one ε per step, and one ε per training example for the soft
+assignments q that give the target distribution p at the start of every joint epoch (each side
+computes p from its own q, as real training does). The schedule keeps the original's shape at a
+small scale: VAE pretraining, the four SOM-initialisation LR stages (0.9 / 0.3 / 0.1 / 0.01), then
+joint epochs; one epoch = ``epoch_steps`` batches of a fixed slice of the training set.
+
+Per step and side: every loss term of the phase, the effective LR, and the norm of every weight.
+The band of a quantity at step s is ``multiple`` x how far the float32 port lands from the float64
+port at that same step (float32 rounding growing through training, measured, not assumed), raised
+to float32 resolution. Reported: the first step where port and reference leave their band (and on
+which quantity), and the growth curve of the largest relative weight difference, for
+torch-vs-TF and for float32-vs-float64 — as JSON and as a figure.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+SOM_INIT_LRS = (0.9, 0.3, 0.1, 0.01)
+PHASE_LR = {"vae": 1e-3, "joint": 1e-3}
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    phase: str
+    lr_feed: float
+    batch: int  # batch index within the epoch
+    epoch_start: bool
+
+
+def plan(steps: int, epoch_steps: int) -> list[Step]:
+    """``steps`` steps: ~30 % VAE, ~10 % per SOM-init stage, the rest joint (at least one step each)."""
+    n_vae = max(1, round(0.3 * steps))
+    n_som = [max(1, round(0.1 * steps)) for _ in SOM_INIT_LRS]
+    n_joint = max(1, steps - n_vae - sum(n_som))
+    segments = [("vae", PHASE_LR["vae"], n_vae)] + [("som_init", lr, n) for lr, n in zip(SOM_INIT_LRS, n_som)]
+    segments.append(("joint", PHASE_LR["joint"], n_joint))
+    out, i = [], 0
+    for phase, lr, n in segments:
+        for k in range(n):
+            out.append(Step(i, phase, lr, i % epoch_steps, phase == "joint" and (k == 0 or i % epoch_steps == 0)))
+            i += 1
+    return out
+
+
+def _target(q: np.ndarray) -> np.ndarray:
+    w = q.astype(np.float64) ** 2 / q.astype(np.float64).sum(0)
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+def _norms(weights: dict[str, np.ndarray]) -> dict[str, float]:
+    return {f"norm.{k}": float(np.linalg.norm(np.asarray(v, np.float64))) for k, v in weights.items()}
+
+
+def _max_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) / max(float(np.max(np.abs(a[k]))), 1e-30) for k in a)
+
+
+def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, multiple: float = 10.0,
+        epoch_steps: int = 10, make_port: Callable | None = None, progress: bool = True) -> dict[str, Any]:
+    from tqdm.auto import tqdm
+
+    from harness.adapters.dpsom import TFReferenceDPSOM, TorchDPSOM
+    from harness.data import DataNotFoundError, dpsom_splits, load_raw
+    from ports.dpsom.config import get_config
+
+    make_port = make_port or TorchDPSOM
+    cfg = get_config(variant)
+    B, D = cfg.batch_size, cfg.latent_dim
+    raw = None
+    for name in [dataset] if dataset else ["MNIST", "digits"]:
+        try:
+            raw = load_raw(name, download=False)
+            break
+        except DataNotFoundError:
+            if dataset:
+                raise
+    x_train = dpsom_splits(raw, validation=False).x_train[: epoch_steps * B]
+    if len(x_train) < epoch_steps * B:
+        raise ValueError(f"{raw.name}: {len(x_train)} training images < epoch_steps x batch_size = {epoch_steps * B}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    sides = {"tf": TFReferenceDPSOM(cfg), "torch": make_port(cfg, "float32"), "torch64": make_port(cfg, "float64")}
+    w0 = sides["tf"].get_weights()
+    sides["torch"].set_weights(w0)
+    sides["torch64"].set_weights(w0)
+
+    t0 = time.perf_counter()
+    records: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
+    growth: dict[str, list[float]] = {"torch_vs_tf": [], "torch32_vs_torch64": []}
+    p: dict[str, np.ndarray] = {}
+    first_exit: dict[str, Any] | None = None
+    floor_rel: dict[str, float] = {}
+    for st in tqdm(plan(steps, epoch_steps), desc=f"T4 {variant}", disable=not progress):
+        eps = rng.standard_normal((B, D)).astype(np.float32)
+        if st.epoch_start:
+            eps_q = rng.standard_normal((len(x_train), D)).astype(np.float32)
+            p = {k: _target(np.concatenate([s.forward(x_train[i : i + B], eps_q[i : i + B])["som.q"] for i in range(0, len(x_train), B)]))
+                 for k, s in sides.items()}
+        x = x_train[st.batch * B : (st.batch + 1) * B]
+        weights = {}
+        for k, s in sides.items():
+            pb = p[k][st.batch * B : (st.batch + 1) * B] if st.phase == "joint" else None
+            rec = {key: float(v) for key, v in s.step(st.phase, x, st.lr_feed, eps, pb).items()}
+            weights[k] = s.get_weights()
+            records[k].append({**rec, **_norms(weights[k])})
+        growth["torch_vs_tf"].append(_max_rel(weights["tf"], weights["torch"]))
+        growth["torch32_vs_torch64"].append(_max_rel(weights["torch64"], weights["torch"]))
+        if first_exit is None:
+            first_exit = _leaves_band(st, records, multiple, floor_rel)
+    return {
+        "model": "dpsom", "variant": variant, "tier": "T4", "steps": steps, "epoch_steps": epoch_steps,
+        "seed": seed, "data": raw.name, "multiple": multiple, "seconds": time.perf_counter() - t0,
+        "plan": [st.__dict__ for st in plan(steps, epoch_steps)],
+        "records": records, "growth": growth, "first_exit": first_exit,
+        "verdict": "PASS" if first_exit is None else "DIVERGED",
+    }
+
+
+def _leaves_band(st: Step, records: dict[str, list[dict[str, float]]], multiple: float, floor_rel: dict[str, float]) -> dict[str, Any] | None:
+    """The quantity (loss term, lr, weight norm) of this step farthest outside its band, if any.
+
+    A quantity's floor is the largest relative float32-vs-float64 distance of the port on it so far
+    (one step's distance can be zero by chance; rounding noise only grows along a trajectory).
+    """
+    tf, t32, t64 = (records[k][-1] for k in ("tf", "torch", "torch64"))
+    for key in t32.keys() & t64.keys():
+        floor_rel[key] = max(floor_rel.get(key, 0.0), abs(t32[key] - t64[key]) / max(abs(t64[key]), 1e-30))
+    worst = None
+    for key in tf:
+        if key == "global_step":
+            if tf[key] != t32[key]:
+                return {"step": st.index, "phase": st.phase, "quantity": key, "tf": tf[key], "torch": t32[key], "band": 0.0, "ratio": math.inf}
+            continue
+        if key not in t32:
+            return {"step": st.index, "phase": st.phase, "quantity": key, "note": "missing on the port", "ratio": math.inf}
+        band = multiple * max(floor_rel.get(key, 0.0), FLOAT32_EPS) * max(abs(tf[key]), abs(t32[key]))
+        diff = abs(tf[key] - t32[key])
+        if not math.isfinite(diff) or diff > band:
+            ratio = diff / band if band > 0 else math.inf
+            if worst is None or ratio > worst["ratio"]:
+                worst = {"step": st.index, "phase": st.phase, "quantity": key, "tf": tf[key], "torch": t32[key],
+                         "band": band, "ratio": ratio}
+    return worst
+
+
+def figure(report: dict[str, Any], path) -> None:
+    """Growth of the largest relative weight difference per step, both curves, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for key, label in (("torch_vs_tf", "torch vs TF"), ("torch32_vs_torch64", "torch float32 vs float64 (floor)")):
+        ax.semilogy(np.maximum(report["growth"][key], 1e-12), label=label)
+    if report["first_exit"] is not None:
+        ax.axvline(report["first_exit"]["step"], color="red", ls="--", lw=1, label=f"leaves band: {report['first_exit']['quantity']}")
+    bounds = [i for i, s in enumerate(report["plan"]) if i == 0 or s["phase"] != report["plan"][i - 1]["phase"]]
+    for b in bounds:
+        ax.axvline(b, color="grey", lw=0.5)
+        ax.text(b, ax.get_ylim()[1], report["plan"][b]["phase"], fontsize=7, va="top")
+    ax.set_xlabel("step")
+    ax.set_ylabel("max relative weight difference")
+    ax.set_title(f"DPSOM {report['variant']}: T4, {report['steps']} steps, seed {report['seed']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

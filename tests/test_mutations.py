@@ -1,0 +1,158 @@
+"""Test the tester: plant one known porting bug at a time into the port and require the quick tier
+to flag it at the expected tier, naming the expected tensor first.
+
+Each mutant is a bug seen in (or natural to) TF->PyTorch ports of DPSOM. Config-level mutants use
+the port's own switches; code-level ones are patched at run time (nothing in ports/ is edited).
+The TF reference is built once per variant and reset before every run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pytest
+import torch
+
+pytest.importorskip("tensorflow", reason="TensorFlow not installed: mutation tests skipped")
+pytestmark = pytest.mark.tf
+
+from harness.adapters.dpsom import TorchDPSOM  # noqa: E402
+from harness.parity import QuickTier  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    variant: str
+    section: str  # the first section with a non-PASS verdict
+    tensor: str  # the first tensor flagged in it
+    overrides: dict = field(default_factory=dict)
+    patch: Callable[[pytest.MonkeyPatch], None] | None = None
+    note: str = ""  # expected substring of the verdict's note
+
+
+def _no_stop_gradient(mp: pytest.MonkeyPatch) -> None:
+    import ports.dpsom.losses as losses
+
+    mp.setattr(losses, "sg", lambda t: t)
+
+
+def _adam_eps_after_bias_correction(mp: pytest.MonkeyPatch) -> None:
+    import ports.dpsom.optim as optim
+
+    mp.setattr(optim, "epsilon_hat", lambda epsilon, bc2_sqrt: epsilon)
+
+
+def _optimizer_reset_per_phase(mp: pytest.MonkeyPatch) -> None:
+    from ports.dpsom.optim import TF1Adam
+    from ports.dpsom.train import Trainer
+
+    def begin_phase(self, phase):  # the usual "one optimizer per phase" port
+        self.optimizer = TF1Adam(self.model.named_parameters())
+        self.phase = phase
+
+    mp.setattr(Trainer, "begin_phase", begin_phase)
+
+
+def _kernel_reshaped_not_transposed(mp: pytest.MonkeyPatch) -> None:
+    import harness.transplant as transplant
+
+    to_torch, to_canonical = transplant.canonical_to_torch, transplant.torch_to_canonical
+    mp.setattr(transplant, "canonical_to_torch", lambda a, t: a.reshape(a.shape[::-1]) if t == "transpose" else to_torch(a, t))
+    mp.setattr(transplant, "torch_to_canonical", lambda a, t: a.reshape(a.shape[::-1]) if t == "transpose" else to_canonical(a, t))
+    import ports.dpsom.model as model
+
+    mp.setattr(model, "canonical_to_torch", transplant.canonical_to_torch)
+    mp.setattr(model, "torch_to_canonical", transplant.torch_to_canonical)
+
+
+def _nchw_flatten(mp: pytest.MonkeyPatch) -> None:
+    from ports.dpsom.model import ConvEncoder
+
+    forward = ConvEncoder.forward
+
+    def nchw(self, x, out, *args):
+        forward(self, x, out, *args)
+        h = out["encoder.bn4"].permute(0, 3, 1, 2).reshape(x.shape[0], -1)  # channels-first flatten
+        out["encoder.flatten"] = h
+        return h
+
+    mp.setattr(ConvEncoder, "forward", nchw)
+
+
+def _row_major_fill_triangular(mp: pytest.MonkeyPatch) -> None:
+    import torch.nn.functional as F
+
+    from ports.dpsom.config import TRIL_DIAG_SHIFT
+    from ports.dpsom.model import TriLPosterior
+
+    def forward(self, h):  # the intuitive fill: row by row, left to right (not TFP's order)
+        d = self.latent_dim
+        head = self.head(h)
+        mu, raw = head[:, :d], head[:, d:]
+        rows, cols = torch.tril_indices(d, d)
+        L = raw.new_zeros(raw.shape[0], d, d)
+        L[:, rows, cols] = raw
+        L = torch.tril(L, -1) + torch.diag_embed(F.softplus(L.diagonal(dim1=-2, dim2=-1)) + TRIL_DIAG_SHIFT)
+        return head, mu, L
+
+    mp.setattr(TriLPosterior, "forward", forward)
+
+
+def _bce_mean_over_pixels(mp: pytest.MonkeyPatch) -> None:
+    import ports.dpsom.losses as losses
+
+    nll = losses.bernoulli_nll
+    mp.setattr(losses, "bernoulli_nll", lambda logits, x: nll(logits, x) / x[0].numel())
+
+
+MUTANTS = [
+    Mutant("BN eps 1e-5 (torch default)", "tiny-dense", "T2 forward", "encoder.bn1", {"bn_epsilon": 1e-5}),
+    Mutant("BN with batch statistics", "tiny-dense", "T2 forward", "encoder.bn1", {"bn_mode": "batch_stats"}),
+    Mutant("LeakyReLU slope 0.01", "tiny-dense", "T2 forward", "encoder.fc1", {"leaky_relu_slope": 0.01}),
+    Mutant("no stop-gradient in the SOM loss", "tiny-dense", "T3 gradients of loss.total", "som.embeddings", patch=_no_stop_gradient),
+    Mutant("LR decay step 5000 (the config's, not the executed 1000)", "tiny-dense", "T0 learning-rate schedule", "lr@1000", {"decay_steps": 5000}),
+    Mutant("Adam ε after bias correction", "tiny-dense", "T3 step vae: weights", "encoder.fc1.kernel", patch=_adam_eps_after_bias_correction),
+    Mutant("optimizer reset at every phase", "tiny-dense", "T3 step som_init: lr, global_step", "global_step", patch=_optimizer_reset_per_phase),
+    Mutant("Dense kernel reshaped, not transposed", "tiny-dense", "T2 forward", "encoder.fc1", patch=_kernel_reshaped_not_transposed),
+    Mutant("NCHW flatten in the conv head", "tiny-conv", "T2 forward", "encoder.flatten", patch=_nchw_flatten),
+    Mutant("row-major fill_triangular", "tiny-dense", "T2 forward", "posterior.scale_tril", patch=_row_major_fill_triangular),
+    Mutant("BCE mean over pixels", "tiny-dense", "T3 losses", "loss.elbo.nll", patch=_bce_mean_over_pixels, note="1/784"),
+    Mutant("q epsilon 1e-10 instead of Keras' 1e-7", "tiny-dense", "T2 forward, SOM far from z", "som.q", {"q_epsilon": 1e-10}),
+]
+
+
+@pytest.fixture(scope="module")
+def tiers():
+    cache: dict[str, QuickTier] = {}
+
+    def get(variant: str) -> QuickTier:
+        if variant not in cache:
+            cache[variant] = QuickTier(variant, seed=0, dataset="digits")
+        return cache[variant]
+
+    return get
+
+
+@pytest.mark.parametrize("variant", ["tiny-dense", "tiny-conv"])
+def test_faithful_port_passes(tiers, variant):
+    report = tiers(variant).run()
+    assert report["verdict"] == "PASS", report["first_divergence"]
+
+
+@pytest.mark.parametrize("mutant", MUTANTS, ids=[m.name for m in MUTANTS])
+def test_mutant_is_flagged_where_expected(tiers, monkeypatch, mutant):
+    if mutant.patch is not None:
+        mutant.patch(monkeypatch)
+
+    def make_port(config, dtype):
+        return TorchDPSOM(dataclasses.replace(config, **mutant.overrides), dtype)
+
+    report = tiers(mutant.variant).run(make_port)
+    first = report["first_divergence"]
+    assert first is not None, f"{mutant.name}: not detected"
+    assert (first["section"], first["name"]) == (mutant.section, mutant.tensor), first
+    assert first["verdict"] == "FAIL", first
+    assert mutant.note in first["note"], first

@@ -1,0 +1,40 @@
+"""T4: N training steps through all three phases, both sides under the same injected noise."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from harness.training_parity import SOM_INIT_LRS, plan
+
+
+def test_plan_walks_the_original_schedule_shape():
+    steps = plan(50, epoch_steps=10)
+    assert len(steps) == 50
+    phases = [s.phase for s in steps]
+    # VAE first, then SOM init, then joint; each phase one contiguous block
+    assert phases == sorted(phases, key=["vae", "som_init", "joint"].index)
+    assert [s.lr_feed for s in steps if s.phase == "som_init"][:: 5] == list(SOM_INIT_LRS)  # 5 steps per stage
+    joint = [s for s in steps if s.phase == "joint"]
+    # p is recomputed at the first joint step and at every epoch boundary (batch index 0)
+    assert [s.index for s in joint if s.epoch_start] == [joint[0].index] + [s.index for s in joint[1:] if s.batch == 0]
+    assert all(0 <= s.batch < 10 for s in steps)
+
+
+@pytest.mark.tf
+def test_faithful_port_stays_in_band_and_a_mutant_leaves_it():
+    pytest.importorskip("tensorflow", reason="TensorFlow not installed: T4 skipped")
+    from harness.adapters.dpsom import TorchDPSOM
+    from harness.training_parity import run
+
+    good = run("tiny-dense", steps=30, dataset="digits", epoch_steps=5, progress=False)
+    assert good["first_exit"] is None, good["first_exit"]
+    assert {r["global_step"] for r in good["records"]["torch"][-1:]} == {30}
+    # float32 noise grows but stays tiny over 30 steps (measured ~2e-6 relative)
+    assert good["growth"]["torch_vs_tf"][-1] < 1e-4
+
+    bad = run("tiny-dense", steps=30, dataset="digits", epoch_steps=5, progress=False,
+              make_port=lambda cfg, dtype: TorchDPSOM(dataclasses.replace(cfg, leaky_relu_slope=0.01), dtype))
+    assert bad["first_exit"] is not None and bad["first_exit"]["step"] == 0
+    assert bad["first_exit"]["quantity"].startswith("loss.elbo")
