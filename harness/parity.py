@@ -1,8 +1,9 @@
 """``nox -s parity``: the PyTorch port against the TF reference on the same weights and the same noise.
 
-Quick tier (the default, minutes on a 2-core CPU, offline): for each variant the TF reference is
-built with its native initialisation (graph seed 2020), one real data batch and one ε draw (numpy
-PCG64) are fed to both sides, and the harness compares, element by element:
+Quick tier (the default, minutes on a 2-core CPU, offline): one numpy PCG64 stream per run draws
+the initial weights (Keras' initialisers, harness/init.py; ``--init native`` keeps TF's own, graph
+seed 2020), the ε of every step and the target distribution; one real data batch; both sides get
+the same draws, and the harness compares, element by element:
 
 * T0 the learning-rate schedule each side executes (probed at global steps 0 … 10 000);
 * T1 the weights after TF -> torch -> TF (bit-exact);
@@ -22,6 +23,7 @@ MULTIPLE x floor; floor components and the multiple are stored in the report.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -39,6 +41,8 @@ from harness.env import fingerprint, seed_all
 # thousands of terms in a different order add a few more. 10 leaves room for that and nothing more.
 MULTIPLE = 10.0
 PHASE_LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
+INITS = ("pcg64", "native")  # initial weights: drawn by the harness (numpy PCG64), or TF's own (graph seed 2020)
+FLOOR_MAX_REL = 1e-3  # a floor above this fraction of the tensor's magnitude is not rounding noise
 FAR_SOM = 300.0  # embeddings scale of the far-SOM probe (z_dist ~ 1e2-1e4 at initialisation)
 PHASE_LOSSES = (("vae", "loss.elbo"), ("som_init", "loss.som_init"), ("joint", "loss.total"))
 
@@ -90,18 +94,25 @@ class QuickTier:
     ``run(make_port)`` takes ``make_port(config, dtype) -> side`` (default: the PyTorch port).
     """
 
-    def __init__(self, variant: str, seed: int = 0, dataset: str | None = None, multiple: float = MULTIPLE):
+    def __init__(self, variant: str, seed: int = 0, dataset: str | None = None, multiple: float = MULTIPLE,
+                 init: str = "pcg64", registry: dict | None = None):
         from harness.adapters.dpsom import TFReferenceDPSOM
+        from harness.init import draw_weights
         from ports.dpsom.config import get_config
 
-        self.variant, self.seed, self.multiple = variant, seed, multiple
+        if init not in INITS:
+            raise ValueError(f"init={init!r}; expected one of {INITS}")
+        self.variant, self.seed, self.multiple, self.init = variant, seed, multiple, init
+        self.registry = registry  # declared deviations; None = harness/deviations/dpsom.csv
         self.config = cfg = get_config(variant)
         rng = np.random.Generator(np.random.PCG64(seed))
+        self.ref = TFReferenceDPSOM(cfg)
+        if init == "pcg64":  # drawn first from the run's one stream, then fed to both sides
+            self.ref.set_weights(draw_weights({k: v.shape for k, v in self.ref.get_weights().items()}, rng))
         self.x, self.data_name = _data_batch(dataset, cfg.batch_size)
         self.eps = rng.standard_normal((cfg.batch_size, cfg.latent_dim)).astype(np.float32)
         q = rng.dirichlet(np.ones(cfg.n_nodes), size=cfg.batch_size)
         self.p = ((q**2 / q.sum(0)) / (q**2 / q.sum(0)).sum(1, keepdims=True)).astype(np.float32)
-        self.ref = TFReferenceDPSOM(cfg)
         self.weights0, self.optimizer0 = self.ref.get_weights(), self.ref.optimizer_state()
         # Reference values and their batch-split floors, computed on first use and reused by later
         # runs: the reference is reset and stepped identically in every run, so they do not change.
@@ -129,7 +140,16 @@ class QuickTier:
 
         port, port64 = make_port(cfg, "float32"), make_port(cfg, "float64")
 
-        # T0: behaviour probes (measured through each side's own code, not read from its config).
+        # T0: what each side executes, measured where possible (BatchNorm and dropout by the
+        # detector, the LR schedule probed), diffed against the deviation registry.
+        from harness.bn_detector import detect
+        from harness.executed import diff, executed, load_registry
+
+        registry = load_registry("dpsom") if self.registry is None else self.registry
+        bn = detect({"tf-reference": ref, "torch-port": port}, x[:8], eps[:8], weights=self.weights0)
+        self.batchnorm = bn
+        sections["T0 config as executed"] = diff(executed(ref, x, eps, bn, "tf-reference"),
+                                                 executed(port, x, eps, bn, "torch-port"), registry)
         probes = [(lr, s) for lr in (1.0,) for s in (0, 1, 999, 1000, 1001, 4999, 5000, 10000)]
         sections["T0 learning-rate schedule"] = compare_all(
             {f"lr@{s}": np.float32(ref.learning_rate_at(lr, s)) for lr, s in probes},
@@ -151,9 +171,20 @@ class QuickTier:
             ref_full, ref_split = self._ref(key)
             parts = {"float64": _floors(t32, t64), "split_tf": _floors(ref_full, ref_split)}
             floors[name] = parts
-            sections[name] = compare_all(ref_full, t32, _max_floors(*parts.values()), self.multiple)
+            band = _max_floors(*parts.values())
+            # A floor is rounding noise only while it is small next to the tensor; a port whose
+            # float32 and float64 runs differ grossly draws its own randomness (un-injected noise,
+            # dropout) and must not widen its band by that: cap it, and say so.
+            capped = {k: f for k, f in band.items() if k in t32 and f > FLOOR_MAX_REL * float(np.max(np.abs(t32[k]), initial=0.0))}
+            band.update({k: FLOOR_MAX_REL * float(np.max(np.abs(t32[k]))) for k in capped})
+            rows = compare_all(ref_full, t32, band, self.multiple)
+            sections[name] = [dataclasses.replace(r, note=(r.note + f" floor capped: measured {capped[r.name]:.3g} "
+                                                           "(port float32 vs float64 differ grossly: un-injected randomness?)").strip())
+                              if r.name in capped else r for r in rows]
 
-        section("T2 forward", "forward", port.forward(x, eps), port64.forward(x, eps))
+        port_fwd = port.forward(x, eps)
+        section("T2 forward", "forward", port_fwd, port64.forward(x, eps))
+        kinks = _kink_flips(self._ref("forward")[0], port_fwd, sections["T2 forward"])
         # The same with the SOM moved far from z (embeddings x FAR_SOM): at initialisation every
         # z_dist is small and q's Keras epsilon (1e-7) is invisible next to t ~ 1; trained models
         # live where t ~ 1e-6 and the epsilon matters. This probe puts the port there.
@@ -167,6 +198,8 @@ class QuickTier:
         for phase, loss_name in PHASE_LOSSES:
             pp = p if phase == "joint" else None
             section(f"T3 gradients of {loss_name}", loss_name, port.gradients(loss_name, x, eps, p), port64.gradients(loss_name, x, eps, p))
+            if kinks:
+                sections[f"T3 gradients of {loss_name}"] = _explain_by_kinks(sections[f"T3 gradients of {loss_name}"], kinks, list(self._ref("forward")[0]))
             # The optimizer in isolation: the port applies the gradients the reference's train op
             # itself applied (fetched in the same session.run), so weights and optimizer state after
             # the step may differ by float32 rounding of the update only (floor: the float64 port given
@@ -185,13 +218,13 @@ class QuickTier:
         results = [r for rs in sections.values() for r in rs]
         first = first_divergence(results)
         first_section = next((name for name, rs in sections.items() if first in rs), None)
-        verdicts = {r.verdict for r in results}
         return {
             "model": "dpsom",
             "variant": self.variant,
             "tier": "quick",
             "data": self.data_name,
             "seed": self.seed,
+            "init": self.init,
             "multiple": self.multiple,
             "config": self.config.to_dict(),
             "environment": fingerprint(),
@@ -199,14 +232,54 @@ class QuickTier:
             "first_divergence": None if first is None else {"section": first_section, **first.to_dict()},
             "sections": {k: [r.to_dict() for r in v] for k, v in sections.items()},
             "floors": floors,
-            "verdict": "FAIL" if "FAIL" in verdicts else ("INACCURATE" if "INACCURATE" in verdicts else "PASS"),
+            "verdict": _verdict(sections),
+            "batchnorm": None if getattr(self, "batchnorm", None) is None else self.batchnorm.to_dict(orient="records"),
             "_sections": sections,
         }
 
 
-def run_variant(variant: str, seed: int, dataset: str | None, multiple: float = MULTIPLE) -> dict[str, Any]:
+def _kink_flips(ref_fwd: dict, port_fwd: dict, rows: list[Comparison]) -> dict[str, int]:
+    """Post-LeakyReLU tensors (``*.fcN``, ``*.convN``, ``*.deconvN``) whose sign differs between the
+    sides at some element although the tensor PASSED T2: a pre-activation within rounding of 0 on
+    opposite sides of the kink. The derivative there is 1 on one side and the slope on the other."""
+    passed = {r.name for r in rows if r.verdict == "PASS"}
+    out = {}
+    for name in passed:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.rstrip("0123456789") in ("fc", "conv", "deconv") and name in port_fwd:
+            n = int(np.count_nonzero(np.sign(ref_fwd[name]) != np.sign(port_fwd[name])))
+            if n:
+                out[name] = n
+    return out
+
+
+def _explain_by_kinks(rows: list[Comparison], kinks: dict[str, int], order: list[str]) -> list[Comparison]:
+    """A gradient beyond its band when T2 found kink flips is reported INACCURATE with the flips named:
+    each flip changes that element's gradient by (1 - slope) x its upstream gradient, which no
+    rounding floor models. (Measured: conv, PCG64 seed 0, one element of decoder.deconv1 at -2.4e-9
+    in float64 lands positive in TF; decoder.deconv1.bias then differs by 2e-3 of 20.)"""
+    where = ", ".join(f"{k} ({n})" for k, n in kinks.items())
+    last = max(order.index(k) for k in kinks)
+    # Only parameters at or before the last flipped tensor (in execution order) are downstream of a
+    # flip in the backward pass; a gradient beyond its band elsewhere stays unexplained.
+    upstream = {name for name in order[: last + 1]}
+    return [dataclasses.replace(r, verdict="INACCURATE", note=f"{r.note} activation kink flips in T2: {where}".strip())
+            if r.verdict in ("FAIL", "INACCURATE") and r.name.rsplit(".", 1)[0] in upstream else r for r in rows]
+
+
+def _verdict(sections: dict[str, list[Comparison]]) -> str:
+    """FAIL / INACCURATE / PASS; DECLARED when the port runs declared deviations (T0) and nothing
+    undeclared differs there: what follows is then the deviations' measured effect, not a bug."""
+    t0 = [r.verdict for name, rs in sections.items() if name.startswith("T0") for r in rs]
+    if "DECLARED" in t0 and "FAIL" not in t0:
+        return "DECLARED"
+    verdicts = {r.verdict for rs in sections.values() for r in rs}
+    return "FAIL" if "FAIL" in verdicts else ("INACCURATE" if "INACCURATE" in verdicts else "PASS")
+
+
+def run_variant(variant: str, seed: int, dataset: str | None, multiple: float = MULTIPLE, init: str = "pcg64") -> dict[str, Any]:
     """The quick tier of the faithful port for one variant."""
-    return QuickTier(variant, seed, dataset, multiple).run()
+    return QuickTier(variant, seed, dataset, multiple, init).run()
 
 
 def _tree(rows: list[Comparison], first: Comparison | None) -> str:
@@ -230,11 +303,14 @@ def _write(report: dict, target: Path) -> None:
 
 
 def _quick(args, variant: str, out_dir: Path, flags: dict) -> int:
-    from harness.bn_detector import detect, differences
+    from harness.adapters.dpsom import TorchDPSOM
     from harness.bn_detector import format_table as bn_table
+    from ports.dpsom.config import parse_overrides, replace
 
-    tier = QuickTier(variant, args.seed, args.data)
-    report = tier.run()
+    overrides = parse_overrides(args.port or [])
+    tier = QuickTier(variant, args.seed, args.data, init=args.init)
+    report = tier.run(lambda cfg, dtype: TorchDPSOM(replace(cfg, **overrides), dtype))
+    report["port_overrides"] = overrides
     sections = report.pop("_sections")
     report["determinism"] = flags
     print(f"\n=== {args.model} / {variant} / quick tier (T0-T3) on {report['data']} ({report['seconds']:.1f} s) ===")
@@ -251,17 +327,7 @@ def _quick(args, variant: str, out_dir: Path, flags: dict) -> int:
         print("model tree (T2 forward):\n" + _tree(sections["T2 forward"], first))
     print(f"verdict: {report['verdict']}" + (f" — first divergence: {first.name} in {report['first_divergence']['section']} ({first.verdict}) {first.note}" if first else ""))
 
-    # BatchNorm behaviour and ordering, measured on both sides (harness.bn_detector).
-    from harness.adapters.dpsom import TorchDPSOM
-
-    port = TorchDPSOM(tier.config)
-    port.set_weights(tier.weights0)
-    table = detect({"tf-reference": tier.ref, "torch-port": port}, tier.x[:8], tier.eps[:8])
-    diff = differences(table)
-    print("\nBatchNorm behaviour (measured):\n" + bn_table(table))
-    report["batchnorm"] = {"table": table.to_dict(orient="records"), "differences": diff.to_dict(orient="records")}
-    if len(diff):
-        report["verdict"] = "FAIL"
+    print("\nBatchNorm behaviour, measured on both sides (harness.bn_detector):\n" + bn_table(tier.batchnorm))
     _write(report, out_dir / f"{args.model}-{variant}-quick.json")
     return int(report["verdict"] == "FAIL")
 
@@ -269,18 +335,16 @@ def _quick(args, variant: str, out_dir: Path, flags: dict) -> int:
 def _t4(args, variant: str, out_dir: Path) -> int:
     from harness.training_parity import figure, run
 
-    report = run(variant, args.steps, args.seed, args.data, epoch_steps=args.epoch_steps)
+    report = run(variant, args.steps, args.seed, args.data, epoch_steps=args.epoch_steps, init=args.init)
     stem = out_dir / f"{args.model}-{variant}-T4-{args.steps}steps"
     figure(report, stem.with_suffix(".png"))
     _write(report, stem.with_suffix(".json"))
     g = report["growth"]
     print(f"\n=== {args.model} / {variant} / T4: {args.steps} steps on {report['data']} ({report['seconds']:.1f} s) ===")
-    print(f"max relative weight difference at the end: torch vs TF {g['torch_vs_tf'][-1]:.3g}, "
-          f"torch float32 vs float64 {g['torch32_vs_torch64'][-1]:.3g}")
+    print("at the last step: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in g.items()))
     ex = report["first_exit"]
     print("verdict: " + ("PASS (inside the band at every step)" if ex is None else
-                         f"leaves the band at step {ex['step']} ({ex['phase']}) on {ex['quantity']}: "
-                         f"|TF - torch| {abs(ex.get('tf', float('nan')) - ex.get('torch', float('nan'))):.3g} > band {ex.get('band', float('nan')):.3g}"))
+                         f"leaves the band at step {ex['step']} ({ex['phase']}) on {ex['quantity']}: {ex['value']:.3g} > band {ex['band']:.3g}"))
     print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.png')}")
     return int(ex is not None)
 
@@ -294,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=50, help="T4: training steps through the three phases")
     parser.add_argument("--epoch-steps", type=int, default=10, help="T4: steps per epoch (p is recomputed per joint epoch)")
     parser.add_argument("--seed", type=int, default=0, help="numpy PCG64 seed for every injected random quantity")
+    parser.add_argument("--port", action="append", metavar="KEY=VALUE",
+                        help="run the port with a config override (a declared deviation, e.g. bn_mode=batch_stats)")
+    parser.add_argument("--init", default="pcg64", choices=INITS, help="initial weights: drawn by the harness from the seed (default) or TF's native init")
     parser.add_argument("--data", default=None, help="dataset name (default: MNIST if found offline, else the embedded 'digits')")
     parser.add_argument("--out", default="results/parity", help="directory for the JSON reports")
     args = parser.parse_args(argv)

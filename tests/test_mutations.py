@@ -109,12 +109,12 @@ def _bce_mean_over_pixels(mp: pytest.MonkeyPatch) -> None:
 
 
 MUTANTS = [
-    Mutant("BN eps 1e-5 (torch default)", "tiny-dense", "T2 forward", "encoder.bn1", {"bn_epsilon": 1e-5}),
-    Mutant("BN with batch statistics", "tiny-dense", "T2 forward", "encoder.bn1", {"bn_mode": "batch_stats"}),
+    Mutant("BN eps 1e-5 (torch default)", "tiny-dense", "T0 config as executed", "batchnorm.eps", {"bn_epsilon": 1e-5}),
+    Mutant("BN with batch statistics", "tiny-dense", "T0 config as executed", "batchnorm.stats", {"bn_mode": "batch_stats"}),
     Mutant("LeakyReLU slope 0.01", "tiny-dense", "T2 forward", "encoder.fc1", {"leaky_relu_slope": 0.01}),
     Mutant("no stop-gradient in the SOM loss", "tiny-dense", "T3 gradients of loss.total", "som.embeddings", patch=_no_stop_gradient),
-    Mutant("LR decay step 5000 (the config's, not the executed 1000)", "tiny-dense", "T0 learning-rate schedule", "lr@1000", {"decay_steps": 5000}),
-    Mutant("Adam ε after bias correction", "tiny-dense", "T3 step vae: weights", "encoder.fc1.kernel", patch=_adam_eps_after_bias_correction),
+    Mutant("LR decay step 5000 (the config's, not the executed 1000)", "tiny-dense", "T0 config as executed", "lr.decay_steps", {"decay_steps": 5000}),
+    Mutant("Adam ε after bias correction", "tiny-dense", "T0 config as executed", "adam.epsilon_placement", patch=_adam_eps_after_bias_correction),
     Mutant("optimizer reset at every phase", "tiny-dense", "T3 step som_init: lr, global_step", "global_step", patch=_optimizer_reset_per_phase),
     Mutant("Dense kernel reshaped, not transposed", "tiny-dense", "T2 forward", "encoder.fc1", patch=_kernel_reshaped_not_transposed),
     Mutant("NCHW flatten in the conv head", "tiny-conv", "T2 forward", "encoder.flatten", patch=_nchw_flatten),
@@ -130,7 +130,7 @@ def tiers():
 
     def get(variant: str) -> QuickTier:
         if variant not in cache:
-            cache[variant] = QuickTier(variant, seed=0, dataset="digits")
+            cache[variant] = QuickTier(variant, seed=0, dataset="digits", registry={})  # the port declares no deviation
         return cache[variant]
 
     return get

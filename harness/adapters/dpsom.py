@@ -89,6 +89,14 @@ class TorchDPSOM:
         self.trainer.optimizer.zero_grad()
         return out
 
+    def optimizer_constants(self) -> dict[str, Any]:
+        """Adam's constants as the port's optimizer object holds them; the ε placement probed."""
+        from ports.dpsom.optim import epsilon_hat
+
+        opt = self.trainer.optimizer
+        placement = "before bias correction (TF1)" if epsilon_hat(1.0, 0.5) == 2.0 else "after bias correction"
+        return {"beta1": float(opt.beta1), "beta2": float(opt.beta2), "epsilon": float(opt.epsilon), "epsilon_placement": placement}
+
     def learning_rate_at(self, lr_feed: float, global_step: int) -> float:
         """The effective LR the port's step uses at ``global_step`` (the Trainer's own function)."""
         from ports.dpsom.optim import effective_learning_rate
@@ -223,3 +231,10 @@ class TFReferenceDPSOM:
 
     def learning_rate_at(self, lr_feed: float, global_step: int) -> float:
         return self.model.learning_rate_at(lr_feed, global_step)
+
+    def optimizer_constants(self) -> dict[str, Any]:
+        """What the graph's ``tf.compat.v1.train.AdamOptimizer`` was built with (float32 in the graph)."""
+        opt = self.model.optim.optimizer
+        f32 = lambda v: float(np.float32(v))  # noqa: E731
+        return {"beta1": f32(opt._beta1), "beta2": f32(opt._beta2), "epsilon": f32(opt._epsilon),  # noqa: SLF001
+                "epsilon_placement": "before bias correction (TF1)"}

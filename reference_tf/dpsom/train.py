@@ -273,7 +273,7 @@ def environment() -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     """``python -m reference_tf.dpsom.train [variant=dense] [data_dir=..] [out_dir=..] [resume=True]
-    [results_dir=results] [key=value ...]`` with any DPSOMConfig field as ``key``."""
+    [results_dir=results/runs] [key=value ...]`` with any DPSOMConfig field as ``key``."""
     args = parse_overrides(sys.argv[1:] if argv is None else list(argv))
     run = {k: args.pop(k) for k in RUN_KEYS if k in args}
     variant = run.get("variant", "dense")
@@ -300,9 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
         "global_step": result["global_step"], "wall_s": round(time.time() - start, 3),
         "checkpoint": result["checkpoint"], "config": json.loads(config.to_json()), "environment": environment(),
     }
-    results_dir = Path(run.get("results_dir", "results"))
+    results_dir = Path(run.get("results_dir", "results/runs"))
     results_dir.mkdir(parents=True, exist_ok=True)
-    path = results_dir / f"dpsom-reference_tf-{variant}-{config.data_set}-seed{config.random_seed}.json"
+    path = results_dir / f"dpsom-{variant}-{config.data_set}-tf-seed{config.random_seed}.json"  # as the port's, side "tf"
     path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     print(json.dumps(record["metrics"], sort_keys=True))
     print(f"wrote {path}")
