@@ -6,7 +6,8 @@ seed 2020), the ε of every step and the target distribution; one real data batc
 the same draws, and the harness compares, element by element:
 
 * T0 the learning-rate schedule each side executes (probed at global steps 0 … 10 000);
-* T1 the weights after TF -> torch -> TF (bit-exact);
+* T1 bit-exact weight round trips TF -> torch -> TF and torch -> TF -> torch, and a checkpoint in
+  the original code's variable names loaded into the port;
 * T2 every named forward tensor; T3 every loss term, the gradients of each phase's loss, and every
   parameter + the optimizer state after one step of each phase (VAE, SOM-init, joint, in that order,
   one shared optimizer). For the step, the port's optimizer applies the gradients the reference's
@@ -87,6 +88,26 @@ def _max_floors(*floors: dict[str, float]) -> dict[str, float]:
     return {k: max(f.get(k, 0.0) for f in floors) for k in floors[0]}
 
 
+def _shapes(side) -> dict[str, tuple[int, ...]]:
+    return {k: np.shape(v) for k, v in side.get_weights().items()}
+
+
+def draw_inputs(cfg, seed: int, dataset: str | None, shapes: dict[str, tuple[int, ...]]):
+    """Everything random of a quick-tier run, from ONE numpy PCG64 stream in a fixed order: initial
+    weights (Keras' initialisers), ε [B, D], and a target distribution p [B, K] (DEC's formula on
+    Dirichlet soft assignments); plus the first training batch. Any side, in any environment, that
+    calls this with the same arguments gets the same arrays (harness.dump relies on it)."""
+    from harness.init import draw_weights
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    weights = draw_weights(shapes, rng)
+    x, data_name = _data_batch(dataset, cfg.batch_size)
+    eps = rng.standard_normal((cfg.batch_size, cfg.latent_dim)).astype(np.float32)
+    q = rng.dirichlet(np.ones(cfg.n_nodes), size=cfg.batch_size)
+    p = ((q**2 / q.sum(0)) / (q**2 / q.sum(0)).sum(1, keepdims=True)).astype(np.float32)
+    return weights, x, eps, p, data_name
+
+
 class QuickTier:
     """T0–T3 on one batch for one variant; the TF reference is built once and reset before each run,
     so that many ports (or planted mutants) can be judged against it cheaply.
@@ -97,7 +118,6 @@ class QuickTier:
     def __init__(self, variant: str, seed: int = 0, dataset: str | None = None, multiple: float = MULTIPLE,
                  init: str = "pcg64", registry: dict | None = None):
         from harness.adapters.dpsom import TFReferenceDPSOM
-        from harness.init import draw_weights
         from ports.dpsom.config import get_config
 
         if init not in INITS:
@@ -105,14 +125,10 @@ class QuickTier:
         self.variant, self.seed, self.multiple, self.init = variant, seed, multiple, init
         self.registry = registry  # declared deviations; None = harness/deviations/dpsom.csv
         self.config = cfg = get_config(variant)
-        rng = np.random.Generator(np.random.PCG64(seed))
         self.ref = TFReferenceDPSOM(cfg)
-        if init == "pcg64":  # drawn first from the run's one stream, then fed to both sides
-            self.ref.set_weights(draw_weights({k: v.shape for k, v in self.ref.get_weights().items()}, rng))
-        self.x, self.data_name = _data_batch(dataset, cfg.batch_size)
-        self.eps = rng.standard_normal((cfg.batch_size, cfg.latent_dim)).astype(np.float32)
-        q = rng.dirichlet(np.ones(cfg.n_nodes), size=cfg.batch_size)
-        self.p = ((q**2 / q.sum(0)) / (q**2 / q.sum(0)).sum(1, keepdims=True)).astype(np.float32)
+        weights, self.x, self.eps, self.p, self.data_name = draw_inputs(cfg, seed, dataset, _shapes(self.ref))
+        if init == "pcg64":
+            self.ref.set_weights(weights)
         self.weights0, self.optimizer0 = self.ref.get_weights(), self.ref.optimizer_state()
         # Reference values and their batch-split floors, computed on first use and reused by later
         # runs: the reference is reset and stepped identically in every run, so they do not change.
@@ -139,6 +155,13 @@ class QuickTier:
         floors: dict[str, dict[str, dict[str, float]]] = {}
 
         port, port64 = make_port(cfg, "float32"), make_port(cfg, "float64")
+        self.timings: dict[str, float] = {}
+        last = [time.perf_counter()]
+
+        def lap(tier: str) -> None:
+            now = time.perf_counter()
+            self.timings[tier] = now - last[0]
+            last[0] = now
 
         # T0: what each side executes, measured where possible (BatchNorm and dropout by the
         # detector, the LR schedule probed), diffed against the deviation registry.
@@ -155,6 +178,7 @@ class QuickTier:
             {f"lr@{s}": np.float32(ref.learning_rate_at(lr, s)) for lr, s in probes},
             {f"lr@{s}": np.float32(port.learning_rate_at(lr, s)) for lr, s in probes}, {}, 1.0)
 
+        lap("T0")
         # T1: TF -> torch -> TF must be bit-exact.
         try:
             port.set_weights(self.weights0)
@@ -164,6 +188,9 @@ class QuickTier:
             return self._report(sections, floors, t0)
         back = port.get_weights()
         sections["T1 weights (transplant)"] = [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in self.weights0.items()]
+        sections["T1 torch -> TF -> torch"] = self._round_trip_from_torch(port)
+        sections["T1 original checkpoint -> torch"] = self._original_checkpoint(port)
+        lap("T1")
 
         def section(name: str, key: str, t32: dict, t64: dict) -> None:
             # No batch split on the port: a port that wrongly couples samples (BN on batch statistics)
@@ -194,6 +221,7 @@ class QuickTier:
         section("T2 forward, SOM far from z", "forward_far", port.forward(x, eps), port64.forward(x, eps))
         for side in (ref, port, port64):
             side.set_weights(self.weights0)
+        lap("T2")
         section("T3 losses", "losses", port.losses(x, eps, p), port64.losses(x, eps, p))
         for phase, loss_name in PHASE_LOSSES:
             pp = p if phase == "joint" else None
@@ -212,7 +240,37 @@ class QuickTier:
                 t32, t64 = getattr(port, get)(), getattr(port64, get)()
                 floors[f"T3 step {phase}: {what}"] = {"float64": _floors(t32, t64)}
                 sections[f"T3 step {phase}: {what}"] = compare_all(getattr(ref, get)(), t32, _floors(t32, t64), self.multiple)
+        lap("T3")
         return self._report(sections, floors, t0)
+
+    def _round_trip_from_torch(self, port) -> list[Comparison]:
+        """Weights born on the torch side (another PCG64 draw) through TF and back, bit for bit."""
+        from harness.init import draw_weights
+
+        other = draw_weights({k: v.shape for k, v in self.weights0.items()}, np.random.Generator(np.random.PCG64([self.seed, 1])))
+        port.set_weights(other)
+        try:
+            self.ref.set_weights(port.get_weights())
+            port.set_weights(self.ref.get_weights())
+            back = port.get_weights()
+            return [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in other.items()]
+        finally:
+            self.ref.set_weights(self.weights0)
+            port.set_weights(self.weights0)
+
+    def _original_checkpoint(self, port) -> list[Comparison]:
+        """A checkpoint with the original DPSOM.py's variable names (written by the reference's Saver),
+        read through the table's ``original_checkpoint`` column, loaded into the port."""
+        import tempfile
+
+        from harness.transplant import read_original_checkpoint
+
+        with tempfile.TemporaryDirectory() as tmp:
+            prefix = self.ref.model.save(f"{tmp}/ckpt")
+            weights = read_original_checkpoint(prefix, "dpsom", "conv" if self.config.convolution else "dense")
+        port.set_weights(weights)
+        back = port.get_weights()
+        return [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in self.weights0.items()]
 
     def _report(self, sections: dict[str, list[Comparison]], floors: dict, t0: float) -> dict[str, Any]:
         results = [r for rs in sections.values() for r in rs]
@@ -229,6 +287,7 @@ class QuickTier:
             "config": self.config.to_dict(),
             "environment": fingerprint(),
             "seconds": time.perf_counter() - t0,
+            "seconds_per_tier": dict(getattr(self, "timings", {})),
             "first_divergence": None if first is None else {"section": first_section, **first.to_dict()},
             "sections": {k: [r.to_dict() for r in v] for k, v in sections.items()},
             "floors": floors,
@@ -313,7 +372,8 @@ def _quick(args, variant: str, out_dir: Path, flags: dict) -> int:
     report["port_overrides"] = overrides
     sections = report.pop("_sections")
     report["determinism"] = flags
-    print(f"\n=== {args.model} / {variant} / quick tier (T0-T3) on {report['data']} ({report['seconds']:.1f} s) ===")
+    per_tier = ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds_per_tier"].items())
+    print(f"\n=== {args.model} / {variant} / quick tier (T0-T3) on {report['data']} ({report['seconds']:.1f} s: {per_tier}) ===")
     for name, rows in sections.items():
         bad = [r for r in rows if r.verdict != "PASS"]
         worst = max(rows, key=lambda r: (r.max_abs / r.tolerance) if r.tolerance and r.tolerance == r.tolerance else 0.0)

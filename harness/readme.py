@@ -1,7 +1,8 @@
 """``python -m harness.readme [--check]``: render README's result tables from results/.
 
 Tables live between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers and are generated,
-never hand-written: ``parity`` from results/parity/*-quick.json, ``bench`` from results/bench/*.csv.
+never hand-written: ``parity`` from results/parity/*-quick.json, ``t4`` from results/parity/*-T4-*steps.json,
+``bench`` from results/bench/*.csv.
 ``--check`` exits 1 (listing the stale tables) when README.md and results/ disagree; the test suite
 runs it, so CI fails on a README that does not match the stored results.
 """
@@ -27,7 +28,8 @@ def _parity(results: Path) -> str:
         lines += [
             f"**{doc['model']} / {doc['variant']}** on {doc['data']} (seed {doc['seed']}, tolerance = "
             f"{doc['multiple']:g} × noise floor): verdict **{doc['verdict']}**"
-            + (f", first divergence `{first['name']}` in {first['section']}" if first else ""),
+            + (f", first divergence `{first['name']}` in {first['section']} ({first['verdict']}"
+               + (f": {first['note']}" if first.get("note") else "") + ")" if first else ""),
             "",
             "| section | PASS | worst tensor | max abs diff | tolerance |",
             "|---|---|---|---|---|",
@@ -58,7 +60,22 @@ def _bench(results: Path) -> str:
     return "\n".join(lines).rstrip()
 
 
-RENDERERS = {"parity": _parity, "bench": _bench}
+def _t4(results: Path) -> str:
+    lines = ["| model / variant | steps (epoch) | seed | verdict | first step outside the band | final distance torch vs TF (weights / losses) | port float32 vs float64 (weights / losses) | figure |",
+             "|---|---|---|---|---|---|---|---|"]
+    for path in sorted((results / "parity").glob("*-T4-*steps.json")):
+        d = json.loads(path.read_text())
+        g, ex = d["growth"], d["first_exit"]
+        exit_ = "none" if ex is None else f"{ex['step']} ({ex['phase']}, {ex['quantity']})"
+        lines.append(
+            f"| {d['model']} / {d['variant']} | {d['steps']} ({d['epoch_steps']}) | {d['seed']} | {d['verdict']} | {exit_} | "
+            f"{g['weights: torch vs TF'][-1]:.3g} / {g['losses: torch vs TF'][-1]:.3g} | "
+            f"{g['weights: torch32 vs torch64'][-1]:.3g} / {g['losses: torch32 vs torch64'][-1]:.3g} | "
+            f"[png](results/parity/{path.with_suffix('.png').name}) |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench}
 
 
 def render(readme: str, results: Path) -> str:

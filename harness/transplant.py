@@ -88,3 +88,25 @@ def check_weights(
             problems.append(f"non-finite values in {name}")
     if problems:
         raise TransplantError(f"{where}: nothing loaded; " + "; ".join(problems))
+
+
+def read_original_checkpoint(path: str, model: str, variant: str) -> dict[str, np.ndarray]:
+    """Canonical weights from a TF checkpoint in the ORIGINAL code's variable names (table column
+    ``original_checkpoint``), read with TF's checkpoint reader (TensorFlow needed, no graph built).
+
+    Every table name missing from the checkpoint, or stored with a different rank, is listed and
+    nothing is returned; optimizer slots and ``global_step`` in the checkpoint are ignored.
+    """
+    from reference_tf import require_tensorflow
+
+    tf = require_tensorflow()
+    try:
+        reader = tf.train.load_checkpoint(path)
+    except Exception as err:  # noqa: BLE001 -- TF raises several types for a bad prefix
+        raise TransplantError(f"{path}: not a readable TF checkpoint ({type(err).__name__}: {err})") from None
+    stored = reader.get_variable_to_shape_map()
+    rows = load_table(model, variant)
+    missing = sorted(r.original_checkpoint for r in rows if r.original_checkpoint not in stored)
+    if missing:
+        raise TransplantError(f"{path}: nothing loaded; missing variables of the original layout: {missing}")
+    return {r.canonical: np.asarray(reader.get_tensor(r.original_checkpoint)) for r in rows}

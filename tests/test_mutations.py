@@ -101,6 +101,21 @@ def _row_major_fill_triangular(mp: pytest.MonkeyPatch) -> None:
     mp.setattr(TriLPosterior, "forward", forward)
 
 
+def _bn_buffers_not_transplanted(mp: pytest.MonkeyPatch) -> None:
+    from ports.dpsom.model import DPSOM, FrozenBatchNorm
+
+    set_weights = DPSOM.set_weights
+
+    def parameters_only(self, weights):  # the usual load of parameters, buffers left at their init
+        set_weights(self, weights)
+        for m in self.modules():
+            if isinstance(m, FrozenBatchNorm):
+                m.moving_mean.zero_()
+                m.moving_variance.fill_(1.0)
+
+    mp.setattr(DPSOM, "set_weights", parameters_only)
+
+
 def _bce_mean_over_pixels(mp: pytest.MonkeyPatch) -> None:
     import ports.dpsom.losses as losses
 
@@ -120,6 +135,7 @@ MUTANTS = [
     Mutant("NCHW flatten in the conv head", "tiny-conv", "T2 forward", "encoder.flatten", patch=_nchw_flatten),
     Mutant("row-major fill_triangular", "tiny-dense", "T2 forward", "posterior.scale_tril", patch=_row_major_fill_triangular),
     Mutant("BCE mean over pixels", "tiny-dense", "T3 losses", "loss.elbo.nll", patch=_bce_mean_over_pixels, note="1/784"),
+    Mutant("BN moving statistics not transplanted", "tiny-dense", "T0 config as executed", "batchnorm.updated", patch=_bn_buffers_not_transplanted),
     Mutant("q epsilon 1e-10 instead of Keras' 1e-7", "tiny-dense", "T2 forward, SOM far from z", "som.q", {"q_epsilon": 1e-10}),
 ]
 

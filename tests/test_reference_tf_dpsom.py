@@ -617,6 +617,25 @@ def test_checkpoint_round_trip_with_original_names(tiny_dense, rng, tmp_path):
         conv.close()
 
 
+def test_original_checkpoint_reader_maps_by_the_table_and_lists_what_is_missing(tiny_dense, tmp_path):
+    from harness.transplant import TransplantError, read_original_checkpoint
+
+    model = tiny_dense.reset()
+    prefix = model.save(str(tmp_path / "ckpt"))
+    got = read_original_checkpoint(prefix, "dpsom", "dense")
+    w = model.get_weights()
+    assert list(got) == list(w)  # table order, canonical names
+    for k in w:
+        np.testing.assert_array_equal(got[k], w[k], err_msg=k)
+    with model.graph.as_default():  # a checkpoint that lacks the SOM and the first encoder kernel
+        keep = {n: v for n, v in model._vars.items() if n not in ("embeddings/embeddings", "z_e/encoder/dense/kernel")}  # noqa: SLF001
+        partial = tf.compat.v1.train.Saver(keep).save(model.session, str(tmp_path / "partial"), write_meta_graph=False)
+    with pytest.raises(TransplantError, match=r"missing variables of the original layout: \['embeddings/embeddings', 'z_e/encoder/dense/kernel'\]"):
+        read_original_checkpoint(partial, "dpsom", "dense")
+    with pytest.raises(TransplantError, match="not a readable TF checkpoint"):
+        read_original_checkpoint(str(tmp_path / "nothing-here"), "dpsom", "dense")
+
+
 # --- native randomness, evaluation, training loop --------------------------------------------------
 def test_native_sampling_seed_and_fresh_sessions(tiny_dense, rng):
     model, cfg = tiny_dense.reset(), tiny_dense.cfg
