@@ -8,7 +8,8 @@ the same draws, and the harness compares, element by element:
 * T0 the learning-rate schedule each side executes (probed at global steps 0 … 10 000);
 * T1 bit-exact weight round trips TF -> torch -> TF and torch -> TF -> torch, and a checkpoint in
   the original code's variable names loaded into the port;
-* T2 every named forward tensor; T3 every loss term, the gradients of each phase's loss, and every
+* T2 every named forward tensor, chained and isolated (each port layer fed the reference's input to
+  it); T3 every loss term, the gradients of each phase's loss, and every
   parameter + the optimizer state after one step of each phase (VAE, SOM-init, joint, in that order,
   one shared optimizer). For the step, the port's optimizer applies the gradients the reference's
   train op applied, so the update is checked in isolation from gradient rounding.
@@ -212,6 +213,10 @@ class QuickTier:
         port_fwd = port.forward(x, eps)
         section("T2 forward", "forward", port_fwd, port64.forward(x, eps))
         kinks = _kink_flips(self._ref("forward")[0], port_fwd, sections["T2 forward"])
+        # Isolated: each port layer fed the reference's input to it, so only layers that are wrong
+        # themselves fail (chained, everything after the first wrong layer fails too).
+        teacher = self._ref("forward")[0]
+        section("T2 forward, isolated", "forward", port.forward_isolated(x, eps, teacher), port64.forward_isolated(x, eps, teacher))
         # The same with the SOM moved far from z (embeddings x FAR_SOM): at initialisation every
         # z_dist is small and q's Keras epsilon (1e-7) is invisible next to t ~ 1; trained models
         # live where t ~ 1e-6 and the epsilon matters. This probe puts the port there.
@@ -355,6 +360,33 @@ def _tree(rows: list[Comparison], first: Comparison | None) -> str:
     return "\n".join(lines)
 
 
+TIERS = ("T0", "T1", "T2", "T3")
+
+
+def split_by_tier(report: dict) -> dict[str, dict]:
+    """One report per tier (DESIGN.md: one JSON per model, variant and tier): the shared header,
+    that tier's sections and floors, its own first divergence and verdict."""
+    out = {}
+    for tier in TIERS:
+        names = [n for n in report["sections"] if n.split(" ", 1)[0] == tier]
+        rows = [(n, r) for n in names for r in report["sections"][n]]
+        first = next(((n, r) for n, r in rows if r["verdict"] != "PASS"), None)
+        verdicts = {r["verdict"] for _, r in rows}
+        part = {k: v for k, v in report.items() if k not in ("sections", "floors", "first_divergence", "verdict", "batchnorm")}
+        part.update(
+            tier=tier,
+            sections={n: report["sections"][n] for n in names},
+            floors={n: f for n, f in report["floors"].items() if n in names},
+            first_divergence=None if first is None else {"section": first[0], **first[1]},
+            verdict=next((v for v in ("FAIL", "INACCURATE", "DECLARED") if v in verdicts), "PASS"),
+            seconds=report["seconds_per_tier"].get(tier),
+        )
+        if tier == "T0":
+            part["batchnorm"] = report.get("batchnorm")
+        out[tier] = part
+    return out
+
+
 def _write(report: dict, target: Path) -> None:
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1, default=str))  # insertion order = tier order
@@ -388,7 +420,8 @@ def _quick(args, variant: str, out_dir: Path, flags: dict) -> int:
     print(f"verdict: {report['verdict']}" + (f" — first divergence: {first.name} in {report['first_divergence']['section']} ({first.verdict}) {first.note}" if first else ""))
 
     print("\nBatchNorm behaviour, measured on both sides (harness.bn_detector):\n" + bn_table(tier.batchnorm))
-    _write(report, out_dir / f"{args.model}-{variant}-quick.json")
+    for tier, part in split_by_tier(report).items():
+        _write(part, out_dir / f"{args.model}-{variant}-{tier}.json")
     return int(report["verdict"] == "FAIL")
 
 

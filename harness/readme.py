@@ -1,7 +1,7 @@
 """``python -m harness.readme [--check]``: render README's result tables from results/.
 
 Tables live between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers and are generated,
-never hand-written: ``parity`` from results/parity/*-quick.json, ``t4`` from results/parity/*-T4-*steps.json,
+never hand-written: ``parity`` from results/parity/*-T[0-3].json, ``t4`` from results/parity/*-T4-*steps.json,
 ``bench`` from results/bench/*.csv.
 ``--check`` exits 1 (listing the stale tables) when README.md and results/ disagree; the test suite
 runs it, so CI fails on a README that does not match the stored results.
@@ -22,22 +22,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _parity(results: Path) -> str:
     lines = []
-    for path in sorted((results / "parity").glob("*-quick.json")):
-        doc = json.loads(path.read_text())
-        first = doc["first_divergence"]
+    variants = sorted({p.name.rsplit("-", 1)[0] for p in (results / "parity").glob("*-T[0-3].json")})
+    for stem in variants:
+        docs = [json.loads(p.read_text()) for p in sorted((results / "parity").glob(f"{stem}-T[0-3].json"))]
+        doc = docs[0]
+        first = next((d["first_divergence"] for d in docs if d["first_divergence"]), None)
+        verdicts = {d["verdict"] for d in docs}
+        verdict = next((v for v in ("FAIL", "INACCURATE", "DECLARED") if v in verdicts), "PASS")
+        seconds = ", ".join(f"{d['tier']} {d['seconds']:.0f} s" for d in docs)
         lines += [
             f"**{doc['model']} / {doc['variant']}** on {doc['data']} (seed {doc['seed']}, tolerance = "
-            f"{doc['multiple']:g} × noise floor): verdict **{doc['verdict']}**"
+            f"{doc['multiple']:g} × noise floor; {seconds}): verdict **{verdict}**"
             + (f", first divergence `{first['name']}` in {first['section']} ({first['verdict']}"
                + (f": {first['note']}" if first.get("note") else "") + ")" if first else ""),
             "",
             "| section | PASS | worst tensor | max abs diff | tolerance |",
             "|---|---|---|---|---|",
         ]
-        for name, rows in doc["sections"].items():
-            n_pass = sum(r["verdict"] == "PASS" for r in rows)
-            worst = max(rows, key=lambda r: r["max_abs"] / r["tolerance"] if r["tolerance"] else 0.0)
-            lines.append(f"| {name} | {n_pass}/{len(rows)} | `{worst['name']}` | {worst['max_abs']:.3g} | {worst['tolerance']:.3g} |")
+        for d in docs:
+            for name, rows in d["sections"].items():
+                n_pass = sum(r["verdict"] == "PASS" for r in rows)
+                worst = max(rows, key=lambda r: r["max_abs"] / r["tolerance"] if r["tolerance"] else 0.0)
+                lines.append(f"| {name} | {n_pass}/{len(rows)} | `{worst['name']}` | {worst['max_abs']:.3g} | {worst['tolerance']:.3g} |")
         lines.append("")
     return "\n".join(lines).rstrip()
 

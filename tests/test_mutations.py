@@ -88,17 +88,16 @@ def _row_major_fill_triangular(mp: pytest.MonkeyPatch) -> None:
     from ports.dpsom.config import TRIL_DIAG_SHIFT
     from ports.dpsom.model import TriLPosterior
 
-    def forward(self, h):  # the intuitive fill: row by row, left to right (not TFP's order)
+    def split(self, head):  # the intuitive fill: row by row, left to right (not TFP's order)
         d = self.latent_dim
-        head = self.head(h)
         mu, raw = head[:, :d], head[:, d:]
         rows, cols = torch.tril_indices(d, d)
         L = raw.new_zeros(raw.shape[0], d, d)
         L[:, rows, cols] = raw
         L = torch.tril(L, -1) + torch.diag_embed(F.softplus(L.diagonal(dim1=-2, dim2=-1)) + TRIL_DIAG_SHIFT)
-        return head, mu, L
+        return mu, L
 
-    mp.setattr(TriLPosterior, "forward", forward)
+    mp.setattr(TriLPosterior, "split", split)
 
 
 def _bn_buffers_not_transplanted(mp: pytest.MonkeyPatch) -> None:
@@ -172,3 +171,13 @@ def test_mutant_is_flagged_where_expected(tiers, monkeypatch, mutant):
     assert (first["section"], first["name"]) == (mutant.section, mutant.tensor), first
     assert first["verdict"] == "FAIL", first
     assert mutant.note in first["note"], first
+
+
+def test_isolated_forward_localises_the_wrong_layers(tiers):
+    """Chained, a wrong LeakyReLU slope spoils every tensor after encoder.fc1; isolated (each layer fed
+    the reference's input) exactly the LeakyReLU outputs fail and nothing else."""
+    report = tiers("tiny-dense").run(lambda config, dtype: TorchDPSOM(dataclasses.replace(config, leaky_relu_slope=0.01), dtype))
+    failed = lambda section: {r["name"] for r in report["sections"][section] if r["verdict"] != "PASS"}  # noqa: E731
+    assert {"encoder.bn1", "posterior.head", "z", "som.q"} <= failed("T2 forward")
+    assert failed("T2 forward, isolated") == {"encoder.fc1", "encoder.fc2", "encoder.fc3", "decoder.fc1", "decoder.fc2",
+                                              "decoder.fc3", "decoder.logits"}

@@ -63,6 +63,12 @@ class TorchDPSOM:
             out = self.trainer.model(self._t(x), self._t(eps))
         return {k: v.numpy() for k, v in out.items()}
 
+    def forward_isolated(self, x: np.ndarray, eps: np.ndarray, teacher: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every named tensor, each computed from the ``teacher``'s (the other side's) inputs."""
+        with self._torch.no_grad():
+            out = self.trainer.model(self._t(x), self._t(eps), teacher=teacher)
+        return {k: v.numpy() for k, v in out.items()}
+
     def losses(self, x: np.ndarray, eps: np.ndarray, p: np.ndarray) -> dict[str, float]:
         with self._torch.no_grad():
             joint = self.trainer.compute_terms("joint", self._t(x), self._t(eps), self._t(p))

@@ -117,24 +117,49 @@ def _same(t: Tensor) -> Tensor:
     return t
 
 
-def _block(pre: Tensor, bn: nn.Module, slope: float, order: str, out: dict[str, Tensor], act_name: str, bn_name: str,
-           view: Callable[[Tensor], Tensor] = _same, drop: Callable[[Tensor], Tensor] = _same) -> Tensor:
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.permute(0, 2, 3, 1)
+
+
+def _nchw(t: Tensor) -> Tensor:
+    return t.permute(0, 3, 1, 2)
+
+
+class Trace(dict):
+    """The named intermediates of one forward pass, canonical layout, in execution order.
+
+    With a ``teacher`` ({canonical name: array}, e.g. the TF reference's forward tensors) every
+    emitted tensor is recorded, then the computation goes on from the teacher's value: each layer
+    sees the other side's input, so a divergence shows where it is made, not everywhere after it.
+    """
+
+    def __init__(self, teacher: Mapping[str, np.ndarray] | None = None) -> None:
+        super().__init__()
+        self.teacher = teacher or {}
+
+    def emit(self, name: str, value: Tensor, to_canonical: Callable[[Tensor], Tensor] = _same,
+             from_canonical: Callable[[Tensor], Tensor] = _same) -> Tensor:
+        self[name] = to_canonical(value)
+        if name not in self.teacher:
+            return value
+        return from_canonical(torch.as_tensor(np.asarray(self.teacher[name])).to(dtype=value.dtype, device=value.device))
+
+
+def _block(pre: Tensor, bn: nn.Module, slope: float, order: str, out: Trace, act_name: str, bn_name: str,
+           spatial: bool = False, drop: Callable[[Tensor], Tensor] = _same) -> Tensor:
     """LeakyReLU, BN* and dropout of one block after its Dense/Conv output ``pre``, in ``order``.
 
-    ``out[act_name]`` / ``out[bn_name]`` (through ``view``, e.g. to NHWC) are written in execution
-    order, so the forward dict lists them in the order they ran. Returns the block output.
+    ``act_name`` / ``bn_name`` are emitted (NHWC when ``spatial``) in execution order, so the
+    forward dict lists them in the order they ran. Returns the block output.
     """
+    views = (_nhwc, _nchw) if spatial else (_same, _same)
     if order == "after_activation":  # the original: act -> (dropout) -> BN
-        act = F.leaky_relu(pre, slope)
-        out[act_name] = view(act)
-        y = bn(drop(act))
-        out[bn_name] = view(y)
-        return y
-    y = bn(pre)  # "before_activation": BN -> act -> (dropout)
-    out[bn_name] = view(y)
-    act = F.leaky_relu(y, slope)
-    out[act_name] = view(act)
-    return drop(act)
+        act = out.emit(act_name, F.leaky_relu(pre, slope), *views)
+        return out.emit(bn_name, bn(drop(act)), *views)
+    y = out.emit(bn_name, bn(pre), *views)  # "before_activation": BN -> act -> (dropout)
+    return drop(out.emit(act_name, F.leaky_relu(y, slope), *views))
 
 
 class TriLPosterior(nn.Module):
@@ -146,8 +171,12 @@ class TriLPosterior(nn.Module):
         self.head = Dense(in_features, latent_dim + latent_dim * (latent_dim + 1) // 2)
 
     def forward(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        d = self.latent_dim
         head = self.head(h)
+        return (head, *self.split(head))
+
+    def split(self, head: Tensor) -> tuple[Tensor, Tensor]:
+        """(mu, L) from the head's output."""
+        d = self.latent_dim
         mu, raw = head[:, :d], head[:, d:]
         # TFP's fill_triangular itself: [r[d:], reverse(r)] reshaped to d x d, lower triangle kept
         # (for r = 1..6: rows (4), (6, 5), (3, 2, 1)). A copy, not a gather: its backward is
@@ -155,7 +184,7 @@ class TriLPosterior(nn.Module):
         full = torch.cat([raw[:, d:], raw.flip(-1)], dim=1).view(-1, d, d)
         scale_tril = torch.tril(full)
         scale_tril.diagonal(dim1=-2, dim2=-1).copy_(F.softplus(full.diagonal(dim1=-2, dim2=-1)) + TRIL_DIAG_SHIFT)
-        return head, mu, scale_tril
+        return mu, scale_tril
 
 
 class SOM(nn.Module):
@@ -208,7 +237,7 @@ class DenseEncoder(nn.Module):
         keep = torch.rand(t.shape, generator=generator, dtype=t.dtype, device=t.device) >= self.rate
         return t * keep.to(t.dtype) / (1.0 - self.rate)
 
-    def forward(self, x: Tensor, out: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+    def forward(self, x: Tensor, out: Trace, generator: torch.Generator | None = None) -> Tensor:
         h = x.reshape(x.shape[0], -1)
         for i in range(1, self.n_blocks + 1):
             h = _block(getattr(self, f"fc{i}")(h), getattr(self, f"bn{i}"), self.slope, self.order, out,
@@ -229,18 +258,14 @@ class DenseDecoder(nn.Module):
         self.order = cfg.bn_order
         setattr(self, f"fc{self.n_blocks + 1}", Dense(dims[-1], cfg.n_pixels))
 
-    def forward(self, z: Tensor, out: dict[str, Tensor]) -> Tensor:
+    def forward(self, z: Tensor, out: Trace) -> Tensor:
         h = z
         for i in range(1, self.n_blocks + 1):
             h = _block(getattr(self, f"fc{i}")(h), getattr(self, f"bn{i}"), self.slope, self.order, out,
                        f"decoder.fc{i}", f"decoder.bn{i}")
         logits = F.leaky_relu(getattr(self, f"fc{self.n_blocks + 1}")(h), self.slope)
-        out["decoder.logits"] = logits = logits.view(-1, *self.image_shape)
+        logits = out.emit("decoder.logits", logits.view(-1, *self.image_shape))
         return logits
-
-
-def _nhwc(t: Tensor) -> Tensor:
-    return t.permute(0, 2, 3, 1)
 
 
 class ConvEncoder(nn.Module):
@@ -254,17 +279,15 @@ class ConvEncoder(nn.Module):
             setattr(self, f"bn{i + 1}", FrozenBatchNorm(chans[i + 1], cfg.bn_epsilon, cfg.bn_mode, channel_dim=1))
         self.slope, self.order = cfg.leaky_relu_slope, cfg.bn_order
 
-    def forward(self, x: Tensor, out: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
-        h = x - 0.5
-        out["encoder.input"] = h
-        h = h.permute(0, 3, 1, 2)
+    def forward(self, x: Tensor, out: Trace, generator: torch.Generator | None = None) -> Tensor:
+        h = _nchw(out.emit("encoder.input", x - 0.5))
         for i in range(1, 5):
             h = _block(getattr(self, f"conv{i}")(h), getattr(self, f"bn{i}"), self.slope, self.order, out,
-                       f"encoder.conv{i}", f"encoder.bn{i}", view=_nhwc)
+                       f"encoder.conv{i}", f"encoder.bn{i}", spatial=True)
             if i <= 2:
                 h = F.max_pool2d(h, 2)
-                out[f"encoder.pool{i}"] = _nhwc(h)
-        h = out["encoder.flatten"] = _nhwc(h).reshape(h.shape[0], -1)  # channels-last, as TF
+                h = out.emit(f"encoder.pool{i}", h, _nhwc, _nchw)
+        h = out.emit("encoder.flatten", _nhwc(h).reshape(h.shape[0], -1))  # channels-last, as TF
         return h
 
 
@@ -285,16 +308,16 @@ class ConvDecoder(nn.Module):
             setattr(self, f"bn{i + 1}", FrozenBatchNorm(chans[i + 1], cfg.bn_epsilon, cfg.bn_mode, channel_dim=1))
         self.conv_out = _glorot(nn.Conv2d(chans[-1], cfg.image_shape[-1], 3, padding=1))
 
-    def forward(self, z: Tensor, out: dict[str, Tensor]) -> Tensor:
-        h = out["decoder.fc1"] = F.leaky_relu(self.fc1(z), self.slope)
+    def forward(self, z: Tensor, out: Trace) -> Tensor:
+        h = out.emit("decoder.fc1", F.leaky_relu(self.fc1(z), self.slope))
         h = h.view(-1, *self.feature_shape).permute(0, 3, 1, 2)
         for i in range(1, 4):
             h = _block(getattr(self, f"deconv{i}")(h), getattr(self, f"bn{i}"), self.slope, self.order, out,
-                       f"decoder.deconv{i}", f"decoder.bn{i}", view=_nhwc)
+                       f"decoder.deconv{i}", f"decoder.bn{i}", spatial=True)
             if i >= 2:
                 h = F.interpolate(h, scale_factor=2, mode="nearest")
-                out[f"decoder.up{i - 1}"] = _nhwc(h)
-        logits = out["decoder.logits"] = _nhwc(self.conv_out(h))
+                h = out.emit(f"decoder.up{i - 1}", h, _nhwc, _nchw)
+        logits = out.emit("decoder.logits", _nhwc(self.conv_out(h)))
         return logits
 
 
@@ -315,25 +338,28 @@ class DPSOM(nn.Module):
         self._table = load_table("dpsom", "conv" if config.convolution else "dense")
 
     def forward(
-        self, x: Tensor, eps: Tensor | None = None, *, decode: bool = True, generator: torch.Generator | None = None
-    ) -> dict[str, Tensor]:
+        self, x: Tensor, eps: Tensor | None = None, *, decode: bool = True, generator: torch.Generator | None = None,
+        teacher: Mapping[str, np.ndarray] | None = None,
+    ) -> Trace:
         """All named tensors for a batch ``x`` [B, 28, 28, 1]; ``eps`` [B, D] or sampled from ``generator``.
 
         ``decode=False`` skips the decoder (SOM-initialisation steps do not need it; TF prunes it too).
+        ``teacher``: continue every layer from these tensors instead of this model's own (:class:`Trace`).
         """
-        out: dict[str, Tensor] = {}
+        out = Trace(teacher)
         h = self.encoder(x, out, generator)
-        out["posterior.head"], mu, scale_tril = self.posterior(h)
-        out["posterior.mu"], out["posterior.scale_tril"] = mu, scale_tril
+        head = out.emit("posterior.head", self.posterior.head(h))
+        mu, scale_tril = self.posterior.split(head)
+        mu, scale_tril = out.emit("posterior.mu", mu), out.emit("posterior.scale_tril", scale_tril)
         if eps is None:
             eps = torch.randn(mu.shape, generator=generator, dtype=mu.dtype, device=mu.device)
-        z = out["z"] = mu + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+        z = out.emit("z", mu + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1))
         if decode:
             self.decoder(z, out)
         cfg = self.config
-        dist = out["som.z_dist"] = z_dist_flat(z, self.som.flat())
-        out["som.q"] = student_t_q(dist, cfg.alpha, cfg.q_epsilon)
-        out["som.k"] = dist.argmin(dim=1)
+        dist = out.emit("som.z_dist", z_dist_flat(z, self.som.flat()))
+        out.emit("som.q", student_t_q(dist, cfg.alpha, cfg.q_epsilon))
+        out.emit("som.k", dist.argmin(dim=1))
         return out
 
     # --- weights in canonical layout ---------------------------------------------------------
