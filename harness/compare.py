@@ -41,11 +41,12 @@ def _fail(name: str, note: str, shape=()) -> Comparison:
     return Comparison(name, tuple(shape), nan, nan, nan, (), nan, nan, nan, "FAIL", note)
 
 
-def compare(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: float) -> Comparison:
+def compare(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: float, resolution: float = FLOAT32_EPS) -> Comparison:
     """Compare ``a`` (side A) with ``b`` (side B) against ``multiple * floor`` (absolute).
 
-    The floor is raised to one float32 ulp of the tensor's magnitude, so an exactly reproducible
-    tensor (floor 0) is still judged at the resolution of float32 rather than demanding bit equality.
+    The floor is raised to ``resolution`` (float32's epsilon unless the comparison is in float64)
+    times the tensor's magnitude, so an exactly reproducible tensor (floor 0) is still judged at the
+    resolution of its precision rather than demanding bit equality.
     """
     a, b = np.asarray(a), np.asarray(b)
     if a.shape != b.shape:
@@ -70,7 +71,7 @@ def compare(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: flo
     scale = np.maximum(np.abs(a64), np.abs(b64))
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.where(scale > 0, diff / scale, 0.0)
-    floor = max(float(floor), FLOAT32_EPS * float(np.max(np.where(finite_a, scale, 0.0))))
+    floor = max(float(floor), resolution * float(np.max(np.where(finite_a, scale, 0.0))))
     tol = multiple * floor
     if max_abs <= tol:
         verdict = "PASS"
@@ -114,7 +115,8 @@ def compare_exact(name: str, a: np.ndarray, b: np.ndarray) -> Comparison:
 
 
 def compare_all(
-    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], floors: Mapping[str, float], multiple: float
+    a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], floors: Mapping[str, float], multiple: float,
+    resolution: float = FLOAT32_EPS,
 ) -> list[Comparison]:
     """Compare every name of ``a`` (in its order); a name missing on either side is a FAIL."""
     out = []
@@ -122,7 +124,7 @@ def compare_all(
         if name not in a or name not in b:
             out.append(_fail(name, f"missing on side {'A' if name not in a else 'B'}"))
             continue
-        out.append(compare(name, a[name], b[name], floors.get(name, 0.0), multiple))
+        out.append(compare(name, a[name], b[name], floors.get(name, 0.0), multiple, resolution))
     return out
 
 

@@ -44,6 +44,8 @@ from harness.env import fingerprint, seed_all
 MULTIPLE = 10.0
 PHASE_LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
 INITS = ("pcg64", "native")  # initial weights: drawn by the harness (numpy PCG64), or TF's own (graph seed 2020)
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
+FLOAT64_EPS = float(np.finfo(np.float64).eps)
 FLOOR_MAX_REL = 1e-3  # a floor above this fraction of the tensor's magnitude is not rounding noise
 FAR_SOM = 300.0  # embeddings scale of the far-SOM probe (z_dist ~ 1e2-1e4 at initialisation)
 PHASE_LOSSES = (("vae", "loss.elbo"), ("som_init", "loss.som_init"), ("joint", "loss.total"))
@@ -134,6 +136,7 @@ class QuickTier:
         # Reference values and their batch-split floors, computed on first use and reused by later
         # runs: the reference is reset and stepped identically in every run, so they do not change.
         self._ref_cache: dict[str, tuple[dict, dict]] = {}
+        self._ref64 = None  # the float64 build of the reference, made on first use
 
     def _ref(self, key: str) -> tuple[dict, dict]:
         if key not in self._ref_cache:
@@ -246,7 +249,37 @@ class QuickTier:
                 floors[f"T3 step {phase}: {what}"] = {"float64": _floors(t32, t64)}
                 sections[f"T3 step {phase}: {what}"] = compare_all(getattr(ref, get)(), t32, _floors(t32, t64), self.multiple)
         lap("T3")
+        self._float64(make_port, sections, floors)
+        lap("float64 T2/T3")
         return self._report(sections, floors, t0)
+
+    def _float64(self, make_port, sections: dict, floors: dict) -> None:
+        """T2 forward, T3 losses and gradients with BOTH sides in float64 (the reference's graph
+        built in double precision): rounding all but vanishes, so anything beyond a few float64 ulps
+        (x the reference's own batch-split floor) is a formula, constant or layout difference.
+        Measured on the faithful pair: 1e-15 relative."""
+        from harness.adapters.dpsom import TFReferenceDPSOM
+
+        if self._ref64 is None:
+            self._ref64 = TFReferenceDPSOM(self.config, "float64")
+        ref64, x, eps, p = self._ref64, self.x, self.eps, self.p
+        ref64.set_weights(self.weights0)
+        port64 = make_port(self.config, "float64")
+        port64.set_weights(self.weights0)
+        for key in ("forward", "losses", *(loss for _, loss in PHASE_LOSSES)):
+            fn_ref = {"forward": lambda a, b, c: ref64.forward(a, b), "losses": ref64.losses}.get(key, lambda a, b, c, k=key: ref64.gradients(k, a, b, c))
+            fn_port = {"forward": lambda a, b, c: port64.forward(a, b), "losses": port64.losses}.get(key, lambda a, b, c, k=key: port64.gradients(k, a, b, c))
+            full = fn_ref(x, eps, p)
+            tier = "T2" if key == "forward" else "T3"
+            name32 = f"{tier} {key if key in ('forward', 'losses') else 'gradients of ' + key}"
+            # Two floors: the reference's batch split in float64, and the port's measured float32
+            # rounding noise of the same computation scaled by eps64/eps32 (rounding error is
+            # proportional to the unit roundoff; a 2000-term GEMM row is not changed by a batch split).
+            parts = {"split_tf64": _floors(full, _split(fn_ref, x, eps, p, per_sample=key == "forward")),
+                     "float32_scaled": {k: f * FLOAT64_EPS / FLOAT32_EPS for k, f in floors.get(name32, {}).get("float64", {}).items()}}
+            name = f"{name32} (float64)"
+            floors[name] = parts
+            sections[name] = compare_all(full, fn_port(x, eps, p), _max_floors(*parts.values()), self.multiple, FLOAT64_EPS)
 
     def _round_trip_from_torch(self, port) -> list[Comparison]:
         """Weights born on the torch side (another PCG64 draw) through TF and back, bit for bit."""

@@ -169,16 +169,16 @@ class TorchDPSOM:
 class TFReferenceDPSOM:
     """``reference_tf.dpsom`` (tf.compat.v1 graph in its own tf.Graph)."""
 
-    def __init__(self, config: DPSOMConfig) -> None:
+    def __init__(self, config: DPSOMConfig, dtype: str = "float32") -> None:
         from reference_tf import require_tensorflow
 
         require_tensorflow()
         from reference_tf.dpsom.model import DPSOM
         from reference_tf.dpsom.train import Trainer
 
-        self.name = "tf-reference"
+        self.name = "tf-reference" if dtype == "float32" else f"tf-reference-{dtype}"
         self.config = config
-        self.model = DPSOM(config)
+        self.model = DPSOM(config, dtype=dtype)
         self.trainer = Trainer(config, model=self.model)
 
     def get_weights(self) -> dict[str, np.ndarray]:

@@ -23,7 +23,10 @@ from typing import Any, Mapping
 # --- Framework constants of the original, with their conversion rules ------------------------
 KERAS_BN_EPSILON = 1e-3  # Keras BatchNormalization default; torch's default is 1e-5.
 KERAS_BN_MOMENTUM = 0.99  # torch momentum = 1 - Keras momentum = 0.01 (moot: stats never update).
-LEAKY_RELU_SLOPE = 0.2  # tf.nn.leaky_relu default alpha; torch's default slope is 0.01.
+# tf.nn.leaky_relu's alpha 0.2 (torch's default slope is 0.01), as TF executes it: LeakyRelu takes
+# alpha as a 32-bit float attribute, so the slope is 0.2f = 0.20000000298023224. Identical in float32;
+# in the float64 comparison 0.2 would differ from TF by 1.5e-8 relative on every negative input.
+LEAKY_RELU_SLOPE = 0.20000000298023224
 Q_EPSILON = 1e-7  # Keras backend epsilon, added to the Student-t kernel before normalising q.
 TRIL_DIAG_SHIFT = 1e-5  # tfp.bijectors.FillScaleTriL default: diag = softplus(raw) + 1e-5.
 ADAM_BETA1 = 0.9  # tf.train.AdamOptimizer (TF1) defaults ...

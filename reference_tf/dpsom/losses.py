@@ -45,8 +45,9 @@ def elbo_kl(posterior, prior_var, latent_dim):
     Per example ``KL_i = 1/2 [ ||L_i||_F^2/s^2 + ||mu_i||^2/s^2 - D + 2 D ln s - 2 sum_d ln L_i,dd ]``,
     evaluated by TFP; reduction: mean over B.
     """
+    dtype = posterior.dtype  # float32 in the original; float64 in the harness's double-precision build
     prior = tfd.MultivariateNormalDiag(
-        loc=tf.zeros(latent_dim), scale_diag=tf.ones(latent_dim) * prior_var
+        loc=tf.zeros(latent_dim, dtype=dtype), scale_diag=tf.ones(latent_dim, dtype=dtype) * prior_var
     )
     return tf.reduce_mean(posterior.kl_divergence(prior))
 

@@ -108,7 +108,9 @@ class DPSOM:
     fed the sample (``is_training = True``, ``z_e`` placeholder fed zeros, as ``DPSOM.py`` does).
     """
 
-    def __init__(self, config: DPSOMConfig, seed: int | None = None):
+    def __init__(self, config: DPSOMConfig, seed: int | None = None, dtype: str = "float32"):
+        """``dtype="float64"`` builds the same graph in double precision (Keras floatx, placeholders,
+        ε, embeddings): the harness's rounding-free comparison. float32 is the original."""
         deviations = {k: getattr(config, k) for k, v in (("bn_mode", "frozen_affine"), ("bn_order", "after_activation"),
                       ("dropout_active", False)) if getattr(config, k) != v}
         if deviations:
@@ -118,10 +120,16 @@ class DPSOM:
             )
         self.config = config
         self.seed = config.random_seed if seed is None else int(seed)
+        self.dtype = tf.as_dtype(dtype)
         self.graph = tf.Graph()
-        with self.graph.as_default():
-            tf.compat.v1.set_random_seed(self.seed)
-            self._build()
+        floatx = tf.keras.backend.floatx()
+        try:
+            tf.keras.backend.set_floatx(dtype)
+            with self.graph.as_default():
+                tf.compat.v1.set_random_seed(self.seed)
+                self._build()
+        finally:
+            tf.keras.backend.set_floatx(floatx)
         self.session = tf.compat.v1.Session(graph=self.graph)
         self.session.run(self._init_op)
 
@@ -161,13 +169,13 @@ class DPSOM:
         with vs("is_training"):
             self.is_training = tf.compat.v1.placeholder(tf.bool, shape=[], name="is_training")
         with vs("inputs"):
-            self.x = tf.compat.v1.placeholder(tf.float32, shape=[None, *cfg.image_shape], name="x")
+            self.x = tf.compat.v1.placeholder(self.dtype, shape=[None, *cfg.image_shape], name="x")
         with vs("batch_size"):
             batch_size = tf.shape(self.x)[0]
         with vs("embeddings"):
             self.embeddings = tf.compat.v1.get_variable(
                 "embeddings", [R, C, D],
-                initializer=tf.compat.v1.truncated_normal_initializer(stddev=EMBEDDING_INIT_STDDEV),
+                initializer=tf.compat.v1.truncated_normal_initializer(stddev=EMBEDDING_INIT_STDDEV), dtype=self.dtype,
             )
             emb = tf.identity(self.embeddings, name="value")  # one read shared by every consumer
         with vs("global_step"):
@@ -185,7 +193,7 @@ class DPSOM:
                     h = bn(h)
                     t[f"encoder.bn{i}"] = h
             else:
-                h = tf.cast(self.x, tf.float32) - 0.5
+                h = tf.cast(self.x, self.dtype) - 0.5
                 t["encoder.input"] = h
                 for i, channels in enumerate(cfg.conv_channels, start=1):
                     h = layers_v2.Conv2D(channels, (3, 3), activation=act, padding="same", kernel_initializer=glorot(),
@@ -209,7 +217,7 @@ class DPSOM:
             # Native ε exactly as TFP draws it for MultivariateNormalTriL.sample() with seed=None:
             # one stateful standard-normal op (next graph op seed) of shape [D, B] (a Sample over
             # the event dim of a batch-[B] Normal), transposed to [B, D].
-            self._eps_draw = tf.random.normal(tf.stack([D, batch_size]))
+            self._eps_draw = tf.random.normal(tf.stack([D, batch_size]), dtype=self.dtype)
             native_eps = tf.transpose(self._eps_draw, name="eps_native")
             self._batch_size = batch_size
             self.eps = tf.compat.v1.placeholder_with_default(native_eps, shape=[None, D], name="eps")
@@ -237,7 +245,7 @@ class DPSOM:
 
         # --- decoder (scope reconstruction_e/decoder) ---
         with vs("reconstruction_e"), vs("decoder", reuse=tf.compat.v1.AUTO_REUSE):
-            self.z_fed = tf.compat.v1.placeholder(tf.float32, shape=[None, D], name="z_e")
+            self.z_fed = tf.compat.v1.placeholder(self.dtype, shape=[None, D], name="z_e")
             h = tf.compat.v1.cond(self.is_training, lambda: z, lambda: self.z_fed)
             if not cfg.convolution:
                 for i, width in enumerate(reversed(cfg.dense_enc_dims), start=1):
@@ -279,7 +287,7 @@ class DPSOM:
             kl = L.elbo_kl(self.posterior, cfg.prior_var, D)
             elbo = L.elbo(nll, kl, cfg.prior)
         with vs("p"):
-            self.p = tf.compat.v1.placeholder(tf.float32, shape=(None, cfg.n_nodes), name="p")
+            self.p = tf.compat.v1.placeholder(self.dtype, shape=(None, cfg.n_nodes), name="p")
         with vs("q"):
             q = L.student_t_q(z_dist, cfg.alpha, cfg.q_epsilon)
         with vs("loss_commit"):
@@ -361,20 +369,20 @@ class DPSOM:
     # ------------------------------------------------------------------------------------------
     def _feed(self, x, eps=None, p=None, lr_feed=None, need_p=False) -> dict:
         cfg = self.config
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=self.dtype.as_numpy_dtype)
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(cfg.image_shape):
             raise ValueError(f"x: expected float32 [B, {', '.join(map(str, cfg.image_shape))}], got {x.shape}")
         batch = x.shape[0]
-        feed = {self.x: x, self.is_training: True, self.z_fed: np.zeros((batch, cfg.latent_dim), np.float32)}
+        feed = {self.x: x, self.is_training: True, self.z_fed: np.zeros((batch, cfg.latent_dim), self.dtype.as_numpy_dtype)}
         if eps is not None:
-            eps = np.asarray(eps, dtype=np.float32)
+            eps = np.asarray(eps, dtype=self.dtype.as_numpy_dtype)
             if eps.shape != (batch, cfg.latent_dim):
                 raise ValueError(f"eps: expected [{batch}, {cfg.latent_dim}], got {eps.shape}")
             feed[self.eps] = eps
         if need_p:
             if p is None:
-                p = np.full((batch, cfg.n_nodes), 1.0 / cfg.n_nodes, np.float32)
-            p = np.asarray(p, dtype=np.float32)
+                p = np.full((batch, cfg.n_nodes), 1.0 / cfg.n_nodes, self.dtype.as_numpy_dtype)
+            p = np.asarray(p, dtype=self.dtype.as_numpy_dtype)
             if p.shape != (batch, cfg.n_nodes):
                 raise ValueError(f"p: expected [{batch}, {cfg.n_nodes}], got {p.shape}")
             feed[self.p] = p
