@@ -91,6 +91,28 @@ def _max_floors(*floors: dict[str, float]) -> dict[str, float]:
     return {k: max(f.get(k, 0.0) for f in floors) for k in floors[0]}
 
 
+def judge(ref_full: dict, ref_split: dict, t32: dict, t64: dict, multiple: float,
+          ref64: dict | None = None) -> tuple[list[Comparison], dict]:
+    """The reference (whole batch) against the port (float32), each tensor within ``multiple`` x its
+    floor: the largest of the port's float32 vs float64 distance, the reference's batch-split
+    distance and, where given, the reference's own float32 vs float64 distance (``ref64``: the same
+    values from the reference's double-precision build). Returns the rows and the floor components."""
+    parts = {"float64": _floors(t32, t64), "split_tf": _floors(ref_full, ref_split)}
+    if ref64 is not None:
+        parts["float64_tf"] = _floors(ref_full, ref64)
+    band = _max_floors(*parts.values())
+    # A floor is rounding noise only while it is small next to the tensor; a port whose float32 and
+    # float64 runs differ grossly draws its own randomness (un-injected noise, dropout) and must not
+    # widen its band by that: cap it, and say so.
+    capped = {k: f for k, f in band.items() if k in t32 and f > FLOOR_MAX_REL * float(np.max(np.abs(t32[k]), initial=0.0))}
+    band.update({k: FLOOR_MAX_REL * float(np.max(np.abs(t32[k]))) for k in capped})
+    rows = compare_all(ref_full, t32, band, multiple)
+    rows = [dataclasses.replace(r, note=(r.note + f" floor capped: measured {capped[r.name]:.3g} "
+                                         "(port float32 vs float64 differ grossly: un-injected randomness?)").strip())
+            if r.name in capped else r for r in rows]
+    return rows, parts
+
+
 def _shapes(side) -> dict[str, tuple[int, ...]]:
     return {k: np.shape(v) for k, v in side.get_weights().items()}
 
@@ -164,7 +186,7 @@ class QuickTier:
 
         def lap(tier: str) -> None:
             now = time.perf_counter()
-            self.timings[tier] = now - last[0]
+            self.timings[tier] = self.timings.get(tier, 0.0) + now - last[0]  # float64 parts add to T2 / T3
             last[0] = now
 
         # T0: what each side executes, measured where possible (BatchNorm and dropout by the
@@ -199,19 +221,7 @@ class QuickTier:
         def section(name: str, key: str, t32: dict, t64: dict) -> None:
             # No batch split on the port: a port that wrongly couples samples (BN on batch statistics)
             # would widen its own band by exactly its bug. Its float64 twin runs the same code.
-            ref_full, ref_split = self._ref(key)
-            parts = {"float64": _floors(t32, t64), "split_tf": _floors(ref_full, ref_split)}
-            floors[name] = parts
-            band = _max_floors(*parts.values())
-            # A floor is rounding noise only while it is small next to the tensor; a port whose
-            # float32 and float64 runs differ grossly draws its own randomness (un-injected noise,
-            # dropout) and must not widen its band by that: cap it, and say so.
-            capped = {k: f for k, f in band.items() if k in t32 and f > FLOOR_MAX_REL * float(np.max(np.abs(t32[k]), initial=0.0))}
-            band.update({k: FLOOR_MAX_REL * float(np.max(np.abs(t32[k]))) for k in capped})
-            rows = compare_all(ref_full, t32, band, self.multiple)
-            sections[name] = [dataclasses.replace(r, note=(r.note + f" floor capped: measured {capped[r.name]:.3g} "
-                                                           "(port float32 vs float64 differ grossly: un-injected randomness?)").strip())
-                              if r.name in capped else r for r in rows]
+            sections[name], floors[name] = judge(*self._ref(key), t32, t64, self.multiple)
 
         port_fwd = port.forward(x, eps)
         section("T2 forward", "forward", port_fwd, port64.forward(x, eps))
@@ -249,11 +259,11 @@ class QuickTier:
                 floors[f"T3 step {phase}: {what}"] = {"float64": _floors(t32, t64)}
                 sections[f"T3 step {phase}: {what}"] = compare_all(getattr(ref, get)(), t32, _floors(t32, t64), self.multiple)
         lap("T3")
-        self._float64(make_port, sections, floors)
-        lap("float64 T2/T3")
+        self._float64(make_port, sections, floors, lap)
+        _confirm_kinks_in_float64(sections)
         return self._report(sections, floors, t0)
 
-    def _float64(self, make_port, sections: dict, floors: dict) -> None:
+    def _float64(self, make_port, sections: dict, floors: dict, lap) -> None:
         """T2 forward, T3 losses and gradients with BOTH sides in float64 (the reference's graph
         built in double precision): rounding all but vanishes, so anything beyond a few float64 ulps
         (x the reference's own batch-split floor) is a formula, constant or layout difference.
@@ -280,6 +290,7 @@ class QuickTier:
             name = f"{name32} (float64)"
             floors[name] = parts
             sections[name] = compare_all(full, fn_port(x, eps, p), _max_floors(*parts.values()), self.multiple, FLOAT64_EPS)
+            lap(tier)
 
     def _round_trip_from_torch(self, port) -> list[Comparison]:
         """Weights born on the torch side (another PCG64 draw) through TF and back, bit for bit."""
@@ -364,6 +375,19 @@ def _explain_by_kinks(rows: list[Comparison], kinks: dict[str, int], order: list
             if r.verdict in ("FAIL", "INACCURATE") and r.name.rsplit(".", 1)[0] in upstream else r for r in rows]
 
 
+def _confirm_kinks_in_float64(sections: dict[str, list[Comparison]]) -> None:
+    """A gradient explained by kink flips is checked against the same gradient with both sides in
+    float64, where no element sits within rounding of a kink: PASS there confirms that the float32
+    difference is the flip, not the formula; anything else says the explanation does not hold."""
+    for name, rows in sections.items():
+        twin = {r.name: r for r in sections.get(f"{name} (float64)", [])}
+        if not twin:
+            continue
+        sections[name] = [dataclasses.replace(r, note=f"{r.note}; float64: {twin[r.name].verdict} (max_abs {twin[r.name].max_abs:.3g}, "
+                                                        f"tol {twin[r.name].tolerance:.3g})")
+                          if "kink flips" in r.note and r.name in twin else r for r in rows]
+
+
 def _verdict(sections: dict[str, list[Comparison]]) -> str:
     """FAIL / INACCURATE / PASS; DECLARED when the port runs declared deviations (T0) and nothing
     undeclared differs there: what follows is then the deviations' measured effect, not a bug."""
@@ -380,7 +404,7 @@ def run_variant(variant: str, seed: int, dataset: str | None, multiple: float = 
 
 
 def _tree(rows: list[Comparison], first: Comparison | None) -> str:
-    """The forward tensors as the model's tree (encoder / posterior / decoder / som), the first
+    """One section's tensors as the model's tree (encoder / posterior / decoder / som ...), the first
     divergence marked like a failing assert."""
     lines, last_group = [], None
     for r in rows:
@@ -442,14 +466,15 @@ def _quick(args, variant: str, out_dir: Path, flags: dict) -> int:
     for name, rows in sections.items():
         bad = [r for r in rows if r.verdict != "PASS"]
         worst = max(rows, key=lambda r: (r.max_abs / r.tolerance) if r.tolerance and r.tolerance == r.tolerance else 0.0)
-        print(f"{name:36s} {len(rows) - len(bad):3d}/{len(rows):3d} PASS   worst: {worst.name} "
+        print(f"{name:40s} {len(rows) - len(bad):3d}/{len(rows):3d} PASS   worst: {worst.name} "
               f"max_abs {worst.max_abs:.3g} (tol {worst.tolerance:.3g})")
         if bad:
             print(format_table(bad))
     first_rows = [r for rs in sections.values() for r in rs]
     first = first_divergence(first_rows)
-    if first is not None and first in sections.get("T2 forward", []):
-        print("model tree (T2 forward):\n" + _tree(sections["T2 forward"], first))
+    if first is not None:
+        where = report["first_divergence"]["section"]
+        print(f"model tree ({where}):\n" + _tree(sections[where], first))
     print(f"verdict: {report['verdict']}" + (f" — first divergence: {first.name} in {report['first_divergence']['section']} ({first.verdict}) {first.note}" if first else ""))
 
     print("\nBatchNorm behaviour, measured on both sides (harness.bn_detector):\n" + bn_table(tier.batchnorm))
@@ -461,7 +486,7 @@ def _quick(args, variant: str, out_dir: Path, flags: dict) -> int:
 def _t4(args, variant: str, out_dir: Path) -> int:
     from harness.training_parity import figure, run
 
-    report = run(variant, args.steps, args.seed, args.data, epoch_steps=args.epoch_steps, init=args.init)
+    report = run(variant, args.steps, args.seed, args.data, epoch_steps=args.epoch_steps, init=args.init, synced=not args.no_sync)
     stem = out_dir / f"{args.model}-{variant}-T4-{args.steps}steps"
     figure(report, stem.with_suffix(".png"))
     _write(report, stem.with_suffix(".json"))
@@ -469,10 +494,20 @@ def _t4(args, variant: str, out_dir: Path) -> int:
     print(f"\n=== {args.model} / {variant} / T4: {args.steps} steps on {report['data']} ({report['seconds']:.1f} s) ===")
     print("at the last step: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in g.items()))
     ex = report["first_exit"]
-    print("verdict: " + ("PASS (inside the band at every step)" if ex is None else
-                         f"leaves the band at step {ex['step']} ({ex['phase']}) on {ex['quantity']}: {ex['value']:.3g} > band {ex['band']:.3g}"))
+    print("free-running: " + ("inside the band at every step" if ex is None else
+                              f"leaves the band at step {ex['step']} ({ex['phase']}) on {ex['quantity']}: {ex['value']:.3g} > band {ex['band']:.3g}"))
+    synced = report["synced"]
+    if synced is not None:
+        worst = {k: max(st["worst_ratio"][k] for st in synced["steps"]) for k in synced["steps"][0]["worst_ratio"]}
+        f = synced["first_divergence"]
+        print("synced (each step from the reference's state): worst diff / tol over all steps: "
+              + ", ".join(f"{k} {v:.3g}" for k, v in worst.items()))
+        if f is not None:
+            print(f"  first synced divergence: step {f['step']} ({f['phase']}) {f['section']}: {f['name']} {f['verdict']} "
+                  f"max_abs {f['max_abs']:.3g} / tol {f['tolerance']:.3g} {f['note']}".rstrip())
+    print(f"verdict: {report['verdict']}")
     print(f"written: {stem.with_suffix('.json')}, {stem.with_suffix('.png')}")
-    return int(ex is not None)
+    return int(report["verdict"] in ("DIVERGED", "FAIL"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tier", default="quick", choices=["quick", "4", "all"],
                         help="quick = T0-T3 + BatchNorm detector (default); 4 = N-step training; all = both")
     parser.add_argument("--steps", type=int, default=50, help="T4: training steps through the three phases")
+    parser.add_argument("--no-sync", action="store_true", help="T4: skip the synced per-step check (free-running trajectories only)")
     parser.add_argument("--epoch-steps", type=int, default=10, help="T4: steps per epoch (p is recomputed per joint epoch)")
     parser.add_argument("--seed", type=int, default=0, help="numpy PCG64 seed for every injected random quantity")
     parser.add_argument("--port", action="append", metavar="KEY=VALUE",

@@ -67,16 +67,23 @@ def _bench(results: Path) -> str:
 
 
 def _t4(results: Path) -> str:
-    lines = ["| model / variant | steps (epoch) | seed | verdict | first step outside the band | final distance torch vs TF (weights / losses) | port float32 vs float64 (weights / losses) | figure |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model / variant | steps (epoch) | seed | verdict | free-running: first step outside the band | final distance torch vs TF (weights / losses) "
+             "| port float32 vs float64 (weights / losses) | synced: worst diff / tol (losses / weights / optimizer) | synced: first divergence | figure |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted((results / "parity").glob("*-T4-*steps.json")):
         d = json.loads(path.read_text())
-        g, ex = d["growth"], d["first_exit"]
+        g, ex, sy = d["growth"], d["first_exit"], d.get("synced")
         exit_ = "none" if ex is None else f"{ex['step']} ({ex['phase']}, {ex['quantity']})"
+        if sy:
+            worst = " / ".join(f"{max(st['worst_ratio'][k] for st in sy['steps']):.2f}" for k in ("losses", "weights", "optimizer"))
+            f = sy["first_divergence"]
+            first = "none" if f is None else f"{f['step']} ({f['phase']}): {f['section']} `{f['name']}` {f['verdict']}"
+        else:
+            worst = first = "not run"
         lines.append(
             f"| {d['model']} / {d['variant']} | {d['steps']} ({d['epoch_steps']}) | {d['seed']} | {d['verdict']} | {exit_} | "
             f"{g['weights: torch vs TF'][-1]:.3g} / {g['losses: torch vs TF'][-1]:.3g} | "
-            f"{g['weights: torch32 vs torch64'][-1]:.3g} / {g['losses: torch32 vs torch64'][-1]:.3g} | "
+            f"{g['weights: torch32 vs torch64'][-1]:.3g} / {g['losses: torch32 vs torch64'][-1]:.3g} | {worst} | {first} | "
             f"[png](results/parity/{path.with_suffix('.png').name}) |")
     return "\n".join(lines)
 

@@ -12,6 +12,17 @@ The band (``_leaves_band``) compares the port-vs-reference distance with the por
 float64 distance at the same step (rounding growing through training, measured, not assumed).
 Reported: the first step where port and reference leave their band (and on which aggregate), and
 the growth curves of both distances for loss terms and weights — as JSON and as a figure.
+
+Free-running trajectories of float32 arithmetic separate (Adam turns rounding-level gradients into
+±lr steps), so after a few dozen steps that band is wide and judges little. The *synced* check keeps
+judging every step at T3 precision: before each step a second pair of ports (float32 + its float64
+twin) is set to the reference's exact pre-step weights and optimizer state, evaluated on the same
+batch, ε and p (every loss term; floor: the largest of each side's own float32 vs float64
+distance, the reference's from its double-precision build, and the reference's batch split) and
+stepped with the gradients the reference's train op applied (weights, optimizer state, lr and
+global_step after it). So the whole schedule — phase changes, LR stages, per-epoch p,
+the regimes training moves into — is checked step by step, and the first synced divergence is the
+first step where the port computes something else from the same state.
 """
 
 from __future__ import annotations
@@ -22,6 +33,9 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+
+from harness.compare import compare_all
+from harness.parity import _floors, _split, judge
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SOM_INIT_LRS = (0.9, 0.3, 0.1, 0.01)
@@ -66,7 +80,8 @@ def _max_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 
 
 def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, multiple: float = 10.0,
-        epoch_steps: int = 10, make_port: Callable | None = None, progress: bool = True, init: str = "pcg64") -> dict[str, Any]:
+        epoch_steps: int = 10, make_port: Callable | None = None, progress: bool = True, init: str = "pcg64",
+        synced: bool = True) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from harness.adapters.dpsom import TFReferenceDPSOM, TorchDPSOM
@@ -96,6 +111,14 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
     w0 = sides["tf"].get_weights()
     sides["torch"].set_weights(w0)
     sides["torch64"].set_weights(w0)
+    sync = {"torch": make_port(cfg, "float32"), "torch64": make_port(cfg, "float64")} if synced else {}
+    # The reference's own float32 rounding, measured: one realisation of the port's (float32 vs
+    # float64) alone under-estimates it at some steps (measured: loss.kl_pq, a sum of near-cancelling
+    # p log(p/q) terms, 2.7 x a port-only band at one of 100 dense steps).
+    ref64 = TFReferenceDPSOM(cfg, "float64") if synced else None
+    uniform_p = np.full((B, cfg.n_nodes), 1.0 / cfg.n_nodes, np.float32)  # q-independent p for the loss probe before p exists
+    sync_steps: list[dict[str, Any]] = []
+    first_sync: dict[str, Any] | None = None
 
     t0 = time.perf_counter()
     records: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
@@ -110,12 +133,26 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
             p = {k: _target(np.concatenate([s.forward(x_train[i : i + B], eps_q[i : i + B])["som.q"] for i in range(0, len(x_train), B)]))
                  for k, s in sides.items()}
         x = x_train[st.batch * B : (st.batch + 1) * B]
-        weights = {}
+        ref = sides["tf"]
+        if synced:
+            p_sync = p["tf"][st.batch * B : (st.batch + 1) * B] if st.phase == "joint" else uniform_p
+            pre = ref.get_weights(), ref.optimizer_state()
+            ref64.set_weights(pre[0])
+            ref_losses = ref.losses(x, eps, p_sync), _split(ref.losses, x, eps, p_sync, per_sample=False), ref64.losses(x, eps, p_sync)
+        weights, gradients = {}, None
         for k, s in sides.items():
             pb = p[k][st.batch * B : (st.batch + 1) * B] if st.phase == "joint" else None
-            rec = {key: float(v) for key, v in s.step(st.phase, x, st.lr_feed, eps, pb).items()}
+            out = s.step(st.phase, x, st.lr_feed, eps, pb, **({"return_gradients": True} if synced and k == "tf" else {}))
+            gradients = out.pop("gradients", gradients)
+            rec = {key: float(v) for key, v in out.items()}
             weights[k] = s.get_weights()
             records[k].append({**rec, **_norms(weights[k])})
+        if synced:
+            rows = _synced_step(st, sync, pre, ref_losses, (x, eps, p_sync), gradients, records["tf"][-1], weights["tf"],
+                                ref.optimizer_state(), multiple)
+            sync_steps.append(_summary(st, rows))
+            if first_sync is None and sync_steps[-1]["first"] is not None:
+                first_sync = {**sync_steps[-1]["first"], "rows": {k: [r.to_dict() for r in v] for k, v in rows.items()}}
         growth["weights: torch vs TF"].append(_max_rel(weights["tf"], weights["torch"]))
         growth["weights: torch32 vs torch64"].append(_max_rel(weights["torch64"], weights["torch"]))
         growth["losses: torch vs TF"].append(_loss_rel(records["tf"][-1], records["torch"][-1]))
@@ -127,8 +164,45 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
         "seed": seed, "init": init, "data": raw.name, "multiple": multiple, "seconds": time.perf_counter() - t0,
         "plan": [st.__dict__ for st in plan(steps, epoch_steps)],
         "records": records, "growth": growth, "first_exit": first_exit,
-        "verdict": "PASS" if first_exit is None else "DIVERGED",
+        "synced": {"steps": sync_steps, "first_divergence": first_sync} if synced else None,
+        "verdict": _verdict(first_exit, first_sync),
     }
+
+
+def _verdict(first_exit: dict | None, first_sync: dict | None) -> str:
+    """DIVERGED: the free-running pair left its band; FAIL / INACCURATE: a synced step differed."""
+    if first_exit is not None:
+        return "DIVERGED"
+    return "PASS" if first_sync is None else first_sync["verdict"]
+
+
+def _synced_step(st: Step, sync: dict, pre: tuple[dict, dict], ref_losses: tuple[dict, dict, dict], batch: tuple, gradients: dict,
+                 ref_rec: dict, ref_weights: dict, ref_optimizer: dict, multiple: float) -> dict[str, list]:
+    """One step of the synced ports from the reference's pre-step state (see the module docstring)."""
+    x, eps, p = batch
+    out: dict[str, dict[str, dict]] = {}
+    for k, s in sync.items():
+        s.set_weights(pre[0])
+        s.set_optimizer_state(pre[1])
+        losses = s.losses(x, eps, p)
+        rec = s.apply_gradients(st.phase, gradients, st.lr_feed)
+        out[k] = {"losses": losses, "lr, global_step": rec, "weights": s.get_weights(), "optimizer": s.optimizer_state()}
+    t32, t64 = out["torch"], out["torch64"]
+    full, split, ref64 = ref_losses
+    rows = {"losses": judge(full, split, t32["losses"], t64["losses"], multiple, ref64)[0],
+            "lr, global_step": compare_all({k: ref_rec[k] for k in t32["lr, global_step"]}, t32["lr, global_step"], {}, multiple)}
+    for what, ref_values in (("weights", ref_weights), ("optimizer", ref_optimizer)):
+        rows[what] = compare_all(ref_values, t32[what], _floors(t32[what], t64[what]), multiple)
+    return rows
+
+
+def _summary(st: Step, rows: dict[str, list]) -> dict[str, Any]:
+    """Per synced step: the worst |TF - torch| / tolerance of each section and the first non-PASS row."""
+    worst = {k: max((r.max_abs / r.tolerance if r.tolerance > 0 else (0.0 if r.max_abs == 0 else math.inf)) for r in v)
+             for k, v in rows.items()}
+    first = next(((k, r) for k, v in rows.items() for r in v if r.verdict != "PASS"), None)
+    return {"step": st.index, "phase": st.phase, "worst_ratio": worst,
+            "first": None if first is None else {"step": st.index, "phase": st.phase, "section": first[0], **first[1].to_dict()}}
 
 
 def _leaves_band(st: Step, records: dict[str, list[dict[str, float]]], growth: dict[str, list[float]], multiple: float,
@@ -164,13 +238,16 @@ def _loss_rel(a: dict[str, float], b: dict[str, float]) -> float:
 
 
 def figure(report: dict[str, Any], path) -> None:
-    """Growth of the largest relative weight difference per step, both curves, log scale."""
+    """Top: growth of the largest relative difference per step (free-running), both curves, log
+    scale. Bottom (when synced): each synced step's worst |TF - torch| / tolerance per section."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    synced = (report.get("synced") or {}).get("steps")
+    fig, axes = plt.subplots(2 if synced else 1, 1, figsize=(7, 6 if synced else 3.5), sharex=True, squeeze=False)
+    ax = axes[0, 0]
     for key, values in report["growth"].items():
         ax.semilogy(np.maximum(values, 1e-12), label=key, ls="-" if "TF" in key else ":",
                     color="C0" if key.startswith("weights") else "C1")
@@ -178,12 +255,20 @@ def figure(report: dict[str, Any], path) -> None:
         ax.axvline(report["first_exit"]["step"], color="red", ls="--", lw=1, label=f"leaves band: {report['first_exit']['quantity']}")
     bounds = [i for i, s in enumerate(report["plan"]) if i == 0 or s["phase"] != report["plan"][i - 1]["phase"]]
     for b in bounds:
-        ax.axvline(b, color="grey", lw=0.5)
+        for a in axes[:, 0]:
+            a.axvline(b, color="grey", lw=0.5)
         ax.text(b, ax.get_ylim()[1], report["plan"][b]["phase"], fontsize=7, va="top")
-    ax.set_xlabel("step")
     ax.set_ylabel("max relative difference")
     ax.set_title(f"DPSOM {report['variant']}: T4, {report['steps']} steps, seed {report['seed']}")
     ax.legend(fontsize=7)
+    if synced:
+        ax2 = axes[1, 0]
+        for i, section in enumerate(synced[0]["worst_ratio"]):
+            ax2.semilogy([max(st["worst_ratio"][section], 1e-6) for st in synced], label=section, color=f"C{i + 2}")
+        ax2.axhline(1.0, color="red", lw=1, ls="--", label="tolerance")
+        ax2.set_ylabel("synced step: worst diff / tol")
+        ax2.legend(fontsize=7)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

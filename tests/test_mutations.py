@@ -136,6 +136,8 @@ MUTANTS = [
     Mutant("BCE mean over pixels", "tiny-dense", "T3 losses", "loss.elbo.nll", patch=_bce_mean_over_pixels, note="1/784"),
     Mutant("BN moving statistics not transplanted", "tiny-dense", "T0 config as executed", "batchnorm.updated", patch=_bn_buffers_not_transplanted),
     Mutant("q epsilon 1e-10 instead of Keras' 1e-7", "tiny-dense", "T2 forward, SOM far from z", "som.q", {"q_epsilon": 1e-10}),
+    # Invisible in float32 (0.2 rounds to TF's 0.2f); in float64 1.5e-8 relative on every negative input.
+    Mutant("LeakyReLU slope 0.2 instead of TF's float32 0.2f", "tiny-dense", "T2 forward (float64)", "encoder.fc1", {"leaky_relu_slope": 0.2}),
 ]
 
 
