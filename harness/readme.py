@@ -68,7 +68,7 @@ def _bench(results: Path) -> str:
 
 def _t4(results: Path) -> str:
     lines = ["| model / variant | steps (epoch) | seed | verdict | free-running: first step outside the band | final distance torch vs TF (weights / losses) "
-             "| port float32 vs float64 (weights / losses) | synced: worst diff / tol (losses / weights / optimizer) | synced: first divergence | figure |",
+             "| own float32 vs float64, port / TF (w: weights, l: losses) | synced: worst diff / tol (losses / weights / optimizer) | synced: first divergence | figure |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for path in sorted((results / "parity").glob("*-T4-*steps.json")):
         d = json.loads(path.read_text())
@@ -83,7 +83,9 @@ def _t4(results: Path) -> str:
         lines.append(
             f"| {d['model']} / {d['variant']} | {d['steps']} ({d['epoch_steps']}) | {d['seed']} | {d['verdict']} | {exit_} | "
             f"{g['weights: torch vs TF'][-1]:.3g} / {g['losses: torch vs TF'][-1]:.3g} | "
-            f"{g['weights: torch32 vs torch64'][-1]:.3g} / {g['losses: torch32 vs torch64'][-1]:.3g} | {worst} | {first} | "
+            + " / ".join(f"{g[f'weights: {pair}'][-1]:.3g}" for pair in ("torch32 vs torch64", "TF32 vs TF64"))
+            + " (w), " + " / ".join(f"{g[f'losses: {pair}'][-1]:.3g}" for pair in ("torch32 vs torch64", "TF32 vs TF64"))
+            + f" (l) | {worst} | {first} | "
             f"[png](results/parity/{path.with_suffix('.png').name}) |")
     return "\n".join(lines)
 

@@ -8,8 +8,13 @@ small scale: VAE pretraining, the four SOM-initialisation LR stages (0.9 / 0.3 /
 joint epochs; one epoch = ``epoch_steps`` batches of a fixed slice of the training set.
 
 Per step and side: every loss term of the phase, the effective LR, and the norm of every weight.
-The band (``_leaves_band``) compares the port-vs-reference distance with the port's own float32 vs
-float64 distance at the same step (rounding growing through training, measured, not assumed).
+The band (``_leaves_band``) compares the port-vs-reference distance with each side's own float32
+vs float64 distance at the same step (the port beside its float64 twin, the reference beside its
+double-precision build, each free-running from the same weights and draws): rounding growing
+through training, measured, not assumed. Both are needed: a rounding event of one side (an
+activation within rounding of its kink, which flips the sign of that gradient element and so of
+Adam's first update) shows up in that side's own float32 vs float64 distance and nowhere else
+(measured, conv: TF32 vs torch32 1.94 at step 0, torch32 vs torch64 0.02).
 Reported: the first step where port and reference leave their band (and on which aggregate), and
 the growth curves of both distances for loss terms and weights — as JSON and as a figure.
 
@@ -40,6 +45,8 @@ from harness.parity import _floors, _split, judge
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SOM_INIT_LRS = (0.9, 0.3, 0.1, 0.01)
 PHASE_LR = {"vae": 1e-3, "joint": 1e-3}
+# growth curves: (side A, side B) of each distance; the first is judged, the others are its band
+PAIRS = {"torch vs TF": ("tf", "torch"), "torch32 vs torch64": ("torch64", "torch"), "TF32 vs TF64": ("tf64", "tf")}
 
 
 @dataclass(frozen=True)
@@ -103,14 +110,15 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
     if len(x_train) < epoch_steps * B:
         raise ValueError(f"{raw.name}: {len(x_train)} training images < epoch_steps x batch_size = {epoch_steps * B}")
     rng = np.random.Generator(np.random.PCG64(seed))
-    sides = {"tf": TFReferenceDPSOM(cfg), "torch": make_port(cfg, "float32"), "torch64": make_port(cfg, "float64")}
+    sides = {"tf": TFReferenceDPSOM(cfg), "tf64": TFReferenceDPSOM(cfg, "float64"), "torch": make_port(cfg, "float32"),
+             "torch64": make_port(cfg, "float64")}
     if init == "pcg64":
         from harness.init import draw_weights
 
         sides["tf"].set_weights(draw_weights({k: v.shape for k, v in sides["tf"].get_weights().items()}, rng))
     w0 = sides["tf"].get_weights()
-    sides["torch"].set_weights(w0)
-    sides["torch64"].set_weights(w0)
+    for k in ("tf64", "torch", "torch64"):
+        sides[k].set_weights(w0)
     sync = {"torch": make_port(cfg, "float32"), "torch64": make_port(cfg, "float64")} if synced else {}
     # The reference's own float32 rounding, measured: one realisation of the port's (float32 vs
     # float64) alone under-estimates it at some steps (measured: loss.kl_pq, a sum of near-cancelling
@@ -122,7 +130,7 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
 
     t0 = time.perf_counter()
     records: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
-    growth: dict[str, list[float]] = {f"{c}: {pair}": [] for c in ("losses", "weights") for pair in ("torch vs TF", "torch32 vs torch64")}
+    growth: dict[str, list[float]] = {f"{c}: {pair}": [] for c in ("losses", "weights") for pair in PAIRS}
     p: dict[str, np.ndarray] = {}
     first_exit: dict[str, Any] | None = None
     floor: dict[str, float] = {}
@@ -153,10 +161,9 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
             sync_steps.append(_summary(st, rows))
             if first_sync is None and sync_steps[-1]["first"] is not None:
                 first_sync = {**sync_steps[-1]["first"], "rows": {k: [r.to_dict() for r in v] for k, v in rows.items()}}
-        growth["weights: torch vs TF"].append(_max_rel(weights["tf"], weights["torch"]))
-        growth["weights: torch32 vs torch64"].append(_max_rel(weights["torch64"], weights["torch"]))
-        growth["losses: torch vs TF"].append(_loss_rel(records["tf"][-1], records["torch"][-1]))
-        growth["losses: torch32 vs torch64"].append(_loss_rel(records["torch64"][-1], records["torch"][-1]))
+        for pair, (a, b) in PAIRS.items():
+            growth[f"weights: {pair}"].append(_max_rel(weights[a], weights[b]))
+            growth[f"losses: {pair}"].append(_loss_rel(records[a][-1], records[b][-1]))
         if first_exit is None:
             first_exit = _leaves_band(st, records, growth, multiple, floor)
     return {
@@ -213,15 +220,16 @@ def _leaves_band(st: Step, records: dict[str, list[dict[str, float]]], growth: d
     aggregates (the largest relative difference over the phase's terms / over all weights): a
     trajectory of float32 arithmetic is chaotic (Adam turns near-zero gradients into ±lr steps whose
     sign is rounding), so single quantities of two runs drift apart at random rates, while the
-    aggregate distance of port and reference must grow no faster than the port's own float32 vs
-    float64 distance (its running maximum, x ``multiple``).
+    aggregate distance of port and reference must grow no faster than the larger of the two sides'
+    own float32 vs float64 distances (its running maximum, x ``multiple``).
     """
     tf, t32 = records["tf"][-1], records["torch"][-1]
     for key in ("global_step", "lr"):
         if tf[key] != t32[key]:
             return {"step": st.index, "phase": st.phase, "quantity": key, "value": abs(tf[key] - t32[key]), "band": 0.0}
     for category in ("losses", "weights"):
-        floor[category] = max(floor.get(category, 0.0), growth[f"{category}: torch32 vs torch64"][-1])
+        own = max(growth[f"{category}: torch32 vs torch64"][-1], growth[f"{category}: TF32 vs TF64"][-1])
+        floor[category] = max(floor.get(category, 0.0), own)
         band = multiple * max(floor[category], FLOAT32_EPS)
         value = growth[f"{category}: torch vs TF"][-1]
         if not math.isfinite(value) or value > band:
@@ -249,8 +257,9 @@ def figure(report: dict[str, Any], path) -> None:
     fig, axes = plt.subplots(2 if synced else 1, 1, figsize=(7, 6 if synced else 3.5), sharex=True, squeeze=False)
     ax = axes[0, 0]
     for key, values in report["growth"].items():
-        ax.semilogy(np.maximum(values, 1e-12), label=key, ls="-" if "TF" in key else ":",
-                    color="C0" if key.startswith("weights") else "C1")
+        pair = key.split(": ", 1)[1]
+        ax.semilogy(np.maximum(values, 1e-12), label=key, ls={"torch vs TF": "-", "torch32 vs torch64": ":"}.get(pair, "--"),
+                    color="C0" if key.startswith("weights") else "C1", lw=1.5 if pair == "torch vs TF" else 1.0)
     if report["first_exit"] is not None:
         ax.axvline(report["first_exit"]["step"], color="red", ls="--", lw=1, label=f"leaves band: {report['first_exit']['quantity']}")
     bounds = [i for i, s in enumerate(report["plan"]) if i == 0 or s["phase"] != report["plan"][i - 1]["phase"]]
@@ -264,7 +273,11 @@ def figure(report: dict[str, Any], path) -> None:
     if synced:
         ax2 = axes[1, 0]
         for i, section in enumerate(synced[0]["worst_ratio"]):
-            ax2.semilogy([max(st["worst_ratio"][section], 1e-6) for st in synced], label=section, color=f"C{i + 2}")
+            ratios = [st["worst_ratio"][section] for st in synced]
+            if max(ratios) == 0.0:  # nothing to draw on a log axis: say it in the legend
+                ax2.plot([], [], " ", label=f"{section}: exact at every step")
+                continue
+            ax2.semilogy([max(r, 1e-6) for r in ratios], label=section, color=f"C{i + 2}")
         ax2.axhline(1.0, color="red", lw=1, ls="--", label="tolerance")
         ax2.set_ylabel("synced step: worst diff / tol")
         ax2.legend(fontsize=7)
