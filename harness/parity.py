@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from harness.compare import Comparison, compare_all, compare_exact, first_divergence, format_table
+from harness.compare import FLOAT32_EPS, Comparison, compare_all, compare_exact, first_divergence, format_table
 from harness.env import fingerprint, seed_all
 
 # |TF32 - torch32| vs |torch32 - torch64|: two float32 computations of the same function each sit
@@ -44,7 +44,6 @@ from harness.env import fingerprint, seed_all
 MULTIPLE = 10.0
 PHASE_LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
 INITS = ("pcg64", "native")  # initial weights: drawn by the harness (numpy PCG64), or TF's own (graph seed 2020)
-FLOAT32_EPS = float(np.finfo(np.float32).eps)
 FLOAT64_EPS = float(np.finfo(np.float64).eps)
 FLOOR_MAX_REL = 1e-3  # a floor above this fraction of the tensor's magnitude is not rounding noise
 FAR_SOM = 300.0  # embeddings scale of the far-SOM probe (z_dist ~ 1e2-1e4 at initialisation)
@@ -85,6 +84,15 @@ def _split(fn, x: np.ndarray, eps: np.ndarray, p: np.ndarray, per_sample: bool) 
     if per_sample:
         return {k: np.concatenate([a[k], b[k]]) for k in a}
     return {k: (h * np.asarray(a[k], np.float64) + (n - h) * np.asarray(b[k], np.float64)) / n for k in a}
+
+
+def _values_fn(side, key: str):
+    """``(x, eps, p) -> {name: array}`` for ``key``: "forward", "losses" or a loss name (its gradients)."""
+    if key == "forward":
+        return lambda x, eps, p: side.forward(x, eps)
+    if key == "losses":
+        return side.losses
+    return lambda x, eps, p: side.gradients(key, x, eps, p)
 
 
 def _max_floors(*floors: dict[str, float]) -> dict[str, float]:
@@ -162,9 +170,8 @@ class QuickTier:
 
     def _ref(self, key: str) -> tuple[dict, dict]:
         if key not in self._ref_cache:
-            ref, x, eps, p = self.ref, self.x, self.eps, self.p
-            fn = {"forward": lambda a, b, c: ref.forward(a, b), "forward_far": lambda a, b, c: ref.forward(a, b),
-                  "losses": ref.losses}.get(key, lambda a, b, c: ref.gradients(key, a, b, c))
+            x, eps, p = self.x, self.eps, self.p
+            fn = _values_fn(self.ref, "forward" if key == "forward_far" else key)
             self._ref_cache[key] = (fn(x, eps, p), _split(fn, x, eps, p, per_sample=key.startswith("forward")))
         return self._ref_cache[key]
 
@@ -259,11 +266,11 @@ class QuickTier:
                 floors[f"T3 step {phase}: {what}"] = {"float64": _floors(t32, t64)}
                 sections[f"T3 step {phase}: {what}"] = compare_all(getattr(ref, get)(), t32, _floors(t32, t64), self.multiple)
         lap("T3")
-        self._float64(make_port, sections, floors, lap)
+        self._float64(port64, sections, floors, lap)
         _confirm_kinks_in_float64(sections)
         return self._report(sections, floors, t0)
 
-    def _float64(self, make_port, sections: dict, floors: dict, lap) -> None:
+    def _float64(self, port64, sections: dict, floors: dict, lap) -> None:
         """T2 forward, T3 losses and gradients with BOTH sides in float64 (the reference's graph
         built in double precision): rounding all but vanishes, so anything beyond a few float64 ulps
         (x the reference's own batch-split floor) is a formula, constant or layout difference.
@@ -274,11 +281,9 @@ class QuickTier:
             self._ref64 = TFReferenceDPSOM(self.config, "float64")
         ref64, x, eps, p = self._ref64, self.x, self.eps, self.p
         ref64.set_weights(self.weights0)
-        port64 = make_port(self.config, "float64")
-        port64.set_weights(self.weights0)
+        port64.set_weights(self.weights0)  # the run's float64 port, back at the initial weights after its T3 steps
         for key in ("forward", "losses", *(loss for _, loss in PHASE_LOSSES)):
-            fn_ref = {"forward": lambda a, b, c: ref64.forward(a, b), "losses": ref64.losses}.get(key, lambda a, b, c, k=key: ref64.gradients(k, a, b, c))
-            fn_port = {"forward": lambda a, b, c: port64.forward(a, b), "losses": port64.losses}.get(key, lambda a, b, c, k=key: port64.gradients(k, a, b, c))
+            fn_ref, fn_port = _values_fn(ref64, key), _values_fn(port64, key)
             full = fn_ref(x, eps, p)
             tier = "T2" if key == "forward" else "T3"
             name32 = f"{tier} {key if key in ('forward', 'losses') else 'gradients of ' + key}"

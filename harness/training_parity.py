@@ -39,10 +39,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from harness.compare import compare_all
+from harness.compare import FLOAT32_EPS, compare_all
 from harness.parity import _floors, _split, judge
 
-FLOAT32_EPS = float(np.finfo(np.float32).eps)
 SOM_INIT_LRS = (0.9, 0.3, 0.1, 0.01)
 PHASE_LR = {"vae": 1e-3, "joint": 1e-3}
 # growth curves: (side A, side B) of each distance; the first is judged, the others are its band
@@ -127,6 +126,8 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
     uniform_p = np.full((B, cfg.n_nodes), 1.0 / cfg.n_nodes, np.float32)  # q-independent p for the loss probe before p exists
     sync_steps: list[dict[str, Any]] = []
     first_sync: dict[str, Any] | None = None
+    # The reference's state before the next step = what it was after the last one (fetched once).
+    pre = (w0, sides["tf"].optimizer_state()) if synced else None
 
     t0 = time.perf_counter()
     records: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
@@ -144,7 +145,6 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
         ref = sides["tf"]
         if synced:
             p_sync = p["tf"][st.batch * B : (st.batch + 1) * B] if st.phase == "joint" else uniform_p
-            pre = ref.get_weights(), ref.optimizer_state()
             ref64.set_weights(pre[0])
             ref_losses = ref.losses(x, eps, p_sync), _split(ref.losses, x, eps, p_sync, per_sample=False), ref64.losses(x, eps, p_sync)
         weights, gradients = {}, None
@@ -156,8 +156,9 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
             weights[k] = s.get_weights()
             records[k].append({**rec, **_norms(weights[k])})
         if synced:
-            rows = _synced_step(st, sync, pre, ref_losses, (x, eps, p_sync), gradients, records["tf"][-1], weights["tf"],
-                                ref.optimizer_state(), multiple)
+            post = weights["tf"], ref.optimizer_state()
+            rows = _synced_step(st, sync, pre, ref_losses, (x, eps, p_sync), gradients, records["tf"][-1], *post, multiple)
+            pre = post
             sync_steps.append(_summary(st, rows))
             if first_sync is None and sync_steps[-1]["first"] is not None:
                 first_sync = {**sync_steps[-1]["first"], "rows": {k: [r.to_dict() for r in v] for k, v in rows.items()}}
