@@ -4,6 +4,7 @@
     nox -s tests           # the pytest suite (what CI runs)
     nox -s tests_notf      # torch-only environment: TF-dependent tests skip with one line each
     nox -s bench           # pytest-benchmark timings (per-step, both sides) -> results/bench/
+    nox -s lint            # ruff check (rules in pyproject.toml [tool.ruff])
 
 Environments are reused between runs (``reuse_venv``); a changed constraints.txt reinstalls.
 """
@@ -49,6 +50,13 @@ def tests_notf(session: nox.Session) -> None:
     """Torch-only environment: proves the suite works where TensorFlow is not installed."""
     _install(session, "torch,test")
     session.run("pytest", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff over the whole repository; installs nothing but ruff (pinned in constraints.txt)."""
+    session.install(*CONSTRAINTS, "ruff")
+    session.run("ruff", "check", ".", *session.posargs)
 
 
 @nox.session(python=PYTHON)

@@ -6,7 +6,7 @@ LeakyReLU and its Dropout(0.4) never fires, while the common public port runs
 Linear -> BN(batch statistics) -> LeakyReLU -> Dropout (specs/dpsom.md §1.1, §11.2). This module
 *measures* what every normalisation layer of each side does, framework-free, through the adapter
 protocol only (``trace``, ``get_weights`` / ``set_weights``, ``optimizer_state`` /
-``set_optimizer_state``; harness/adapters/dpsom.py), and prints both sides as one table.
+``set_optimizer_state``; harness/protocols.py), and prints both sides as one table.
 
 Per (layer, side), all from tensors of real runs (``<bn>.input``: what the layer received,
 ``<bn>``: its output, the LeakyReLU output of its block), never from a config:
@@ -106,15 +106,16 @@ def _probe(weights: dict[str, np.ndarray], seed: int | None) -> dict[str, np.nda
     return out
 
 
-def _measure(label: str, side: Any, x: np.ndarray, eps: np.ndarray, probe: dict[str, np.ndarray], phase: str,
+def _measure(label: str, side: Any, batch: Mapping[str, np.ndarray], probe: dict[str, np.ndarray], phase: str,
              lr_feed: float) -> list[dict[str, Any]]:
-    x_other = np.concatenate([x[:1], 0.5 * x[1:]])  # shares sample 0, other batch statistics
+    x = np.asarray(batch["x"])
+    other = {**batch, "x": np.concatenate([x[:1], 0.5 * x[1:]])}  # shares sample 0, other batch statistics
     runs = {}
-    for key, batch in (("a", x), ("again", x), ("b", x_other)):
+    for key, b in (("a", batch), ("again", batch), ("b", other)):
         side.set_weights(probe)  # a batch-statistics forward may move the moving statistics
-        runs[key] = side.trace(batch, eps)
+        runs[key] = side.trace(b)
     side.set_weights(probe)
-    stepped = side.trace(x, eps, step=(phase, lr_feed))
+    stepped = side.trace(batch, step=(phase, lr_feed))
     after = side.get_weights()
     a, again, b = runs["a"], runs["again"], runs["b"]
     fires = any(_rel(again[k], a[k]) > SAME_REL for k in a if np.asarray(a[k]).dtype.kind == "f")
@@ -141,13 +142,17 @@ def _measure(label: str, side: Any, x: np.ndarray, eps: np.ndarray, probe: dict[
     return rows
 
 
-def detect(sides: Mapping[str, Any] | Sequence[Any], x: np.ndarray, eps: np.ndarray, *,
+COLUMNS = ("layer", "side", "stats", "batch_dep", "updated", "eps", "momentum", "position", "dropout")
+
+
+def detect(sides: Mapping[str, Any] | Sequence[Any], batch: Mapping[str, np.ndarray], *,
            weights: dict[str, np.ndarray] | None = None, probe_seed: int | None = 0, phase: str = "vae",
            lr_feed: float = 1e-3) -> pd.DataFrame:
     """One row per (BN layer, side) with the measured properties (module docstring), sides adjacent.
 
     ``sides``: adapters, or ``{label: adapter}`` when their ``name``s clash (two torch ports).
-    ``x`` [B, 28, 28, 1] (B >= 3) and ``eps`` [B, D] feed every run; all sides get the same weights
+    ``batch`` (its input ``x`` with B >= 3 samples, and whatever else the model takes) feeds every
+    run; a model without BatchNorm gives an empty table (:func:`format_table` says so). All sides get the same weights
     (``weights``, default the first side's) with the BN parameters probed; ``phase`` / ``lr_feed``
     make the one optimizer step. Each side's weights and optimizer state are restored afterwards
     (its RNG streams are not).
@@ -160,11 +165,13 @@ def detect(sides: Mapping[str, Any] | Sequence[Any], x: np.ndarray, eps: np.ndar
     for label, side in named.items():
         saved, opt = side.get_weights(), side.optimizer_state()
         try:
-            rows += _measure(label, side, np.asarray(x), np.asarray(eps), base, phase, lr_feed)
+            rows += _measure(label, side, batch, base, phase, lr_feed)
         finally:
             side.set_weights(saved)
             side.set_optimizer_state(opt)
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    if table.empty:
+        return table
     rank_layer = {name: i for i, name in enumerate(dict.fromkeys(table["layer"]))}
     rank_side = {label: i for i, label in enumerate(named)}
     ranks = table["layer"].map(rank_layer) * len(named) + table["side"].map(rank_side)
@@ -195,6 +202,8 @@ def differences(table: pd.DataFrame) -> pd.DataFrame:
 
 def format_table(table: pd.DataFrame) -> str:
     """The table as text (one row per layer and side), with the differences below it."""
+    if table.empty:
+        return "no BatchNorm layer on any side"
     shown = table.assign(
         behaves_as=[("frozen affine" if s == "moving" and not u else f"{s} stats, {'updated' if u else 'frozen'}")
                     for s, u in zip(table["stats"], table["updated"])],

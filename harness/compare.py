@@ -9,8 +9,8 @@ the tolerance but within ``INACCURATE_FACTOR`` times it (worth a look, not a str
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Mapping
 
 import numpy as np
 
@@ -61,10 +61,14 @@ def compare(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: flo
                           "PASS" if n == 0 else "FAIL", f"{n} of {a.size} differ" if n else "")
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
-    if not np.array_equal(finite_a, finite_b):
-        idx = tuple(int(i) for i in np.argwhere(finite_a != finite_b)[0])
-        return _fail(name, f"non-finite mismatch at {idx}", a.shape)
-    diff = np.where(finite_a, np.abs(a64 - b64), 0.0)
+    # Where either side is non-finite, both must hold the same value: NaN==NaN, +inf==+inf, -inf==-inf.
+    same_nonfinite = (np.isnan(a64) & np.isnan(b64)) | (a64 == b64)
+    bad = ~(finite_a & finite_b) & ~same_nonfinite
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        return _fail(name, f"non-finite mismatch at {idx}: A={float(a64[idx])} B={float(b64[idx])}", a.shape)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf at matching infinities (masked out below); overflow -> inf
+        diff = np.where(finite_a, np.abs(a64 - b64), 0.0)
     flat = int(np.argmax(diff))
     worst = tuple(int(i) for i in np.unravel_index(flat, a.shape))
     max_abs = float(diff.reshape(-1)[flat])
@@ -109,9 +113,20 @@ def compare_exact(name: str, a: np.ndarray, b: np.ndarray) -> Comparison:
         return _fail(name, f"shape/dtype {a.shape} {a.dtype} vs {b.shape} {b.dtype}", a.shape)
     if a.tobytes() == b.tobytes():
         return Comparison(name, a.shape, 0.0, 0.0, 0.0, (), 0.0, 0.0, 0.0, "PASS", "bit-exact")
-    n = int(np.count_nonzero(a != b))
-    max_abs = float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64))))
-    return Comparison(name, a.shape, max_abs, float("nan"), float("nan"), (), 0.0, 0.0, 0.0, "FAIL", f"{n} of {a.size} elements differ")
+    # Count elements whose bytes differ (NaN payloads, -0.0 vs 0.0), not elements with a != b.
+    differs = np.any(
+        np.frombuffer(a.tobytes(), np.uint8).reshape(a.size, -1) != np.frombuffer(b.tobytes(), np.uint8).reshape(b.size, -1), axis=1
+    ).reshape(a.shape)
+    n = int(np.count_nonzero(differs))
+    worst = tuple(int(i) for i in np.argwhere(differs)[0])
+    max_abs = float("nan")  # stays NaN when only NaNs (or non-numbers) differ
+    if a.dtype.kind in "biuf":
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = np.abs(a.astype(np.float64)[differs] - b.astype(np.float64)[differs])
+        d = d[~np.isnan(d)]
+        if d.size:
+            max_abs = float(d.max())
+    return Comparison(name, a.shape, max_abs, float("nan"), float("nan"), worst, 0.0, 0.0, 0.0, "FAIL", f"{n} of {a.size} elements differ")
 
 
 def compare_all(

@@ -7,6 +7,7 @@ Model files never seed anything; entry points and the harness call :func:`seed_a
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import platform
 import random
@@ -21,7 +22,7 @@ FRAMEWORKS = ("numpy", "scipy", "sklearn", "pandas", "torch", "tensorflow", "ten
 
 
 def seed_all(seed: int, *, deterministic: bool = True) -> dict[str, Any]:
-    """Seed python, numpy and torch (if imported) and switch torch to deterministic, TF32-free math.
+    """Seed python, numpy and torch (if installed) and switch torch to deterministic, TF32-free math.
 
     TensorFlow's graph-level seed belongs to the reference's own ``tf.Graph`` (set from the config),
     so nothing global is touched on the TF side. Returns the switches as set, for the record.
@@ -29,7 +30,7 @@ def seed_all(seed: int, *, deterministic: bool = True) -> dict[str, Any]:
     random.seed(seed)
     np.random.seed(seed)
     flags: dict[str, Any] = {"seed": seed}
-    if "torch" in sys.modules:
+    if importlib.util.find_spec("torch") is not None:  # imported here: switches set after a lazy import would be lost
         import torch
 
         torch.manual_seed(seed)

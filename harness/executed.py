@@ -3,7 +3,8 @@
 Values come from running the side wherever that is possible (LR schedule probed through the side's
 own step function, posterior form from its forward output, BatchNorm and dropout from
 ``harness.bn_detector``); Adam's constants are read from the optimizer object each side builds.
-Every difference must be declared in ``harness/deviations/<model>.csv`` (key, reference value, port
+Every difference must be declared in ``harness/deviations/<model>.csv`` or a user's ``--deviations``
+file (key, reference value, port
 value, reason, expected effect): a declared one is reported as DECLARED with its reason, anything
 else FAILS the tier.
 """
@@ -12,40 +13,45 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
 
 from harness.compare import Comparison
 
-REGISTRY_DIR = Path(__file__).resolve().parent / "deviations"
-
-
-def _decay(side: Any) -> tuple[int | None, float | None]:
-    """First global step where the LR fed as 1.0 changes (bisection up to 1e7), and the factor there."""
-    base = side.learning_rate_at(1.0, 0)
+def _decay(side: Any, phase: str) -> tuple[int | None, float | None]:
+    """First global step where the LR fed as 1.0 changes in ``phase`` (bisection up to 1e7), and the factor there."""
+    base = side.learning_rate_at(phase, 1.0, 0)
     lo, hi = 0, 10_000_000
-    if side.learning_rate_at(1.0, hi) == base:
+    if side.learning_rate_at(phase, 1.0, hi) == base:
         return None, None
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if side.learning_rate_at(1.0, mid) == base else (lo, mid)
-    return hi, round(side.learning_rate_at(1.0, hi) / base, 6)
+        lo, hi = (mid, hi) if side.learning_rate_at(phase, 1.0, mid) == base else (lo, mid)
+    return hi, round(side.learning_rate_at(phase, 1.0, hi) / base, 6)
 
 
-def executed(side: Any, x: np.ndarray, eps: np.ndarray, bn: pd.DataFrame | None, label: str) -> dict[str, Any]:
-    """``{key: value}`` for one side (``bn``: the detector's table, rows of this side under ``label``)."""
-    decay_steps, decay_factor = _decay(side)
-    out = side.forward(x, eps)
-    L = np.asarray(out["posterior.scale_tril"])
-    values: dict[str, Any] = {
-        "lr.decay_steps": decay_steps,
-        "lr.decay_factor": decay_factor,
-        **{f"adam.{k}": v for k, v in side.optimizer_constants().items()},
-        "posterior": "full covariance (lower-triangular scale)" if np.any(np.tril(L, -1)) else "diagonal",
-    }
-    if bn is not None:
+def per_phase(*sides: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each side ``{phase: {key: value}}`` -> ``{key: value}``: one ``key`` where every phase
+    agrees on every side, else ``key[phase]`` per phase (on all sides, so the names still pair up)."""
+    phases = list(sides[0])
+    keys = list(dict.fromkeys(k for side in sides for ph in phases for k in side[ph]))
+    same = {k: all(side[ph].get(k) == side[phases[0]].get(k) for side in sides for ph in phases) for k in keys}
+    return [{name: value for k in keys for name, value in
+             ([(k, side[phases[0]].get(k))] if same[k] else [(f"{k}[{ph}]", side[ph].get(k)) for ph in phases])} for side in sides]
+
+
+def executed(side: Any, batch: Mapping[str, np.ndarray], bn: pd.DataFrame | None, label: str, spec: Any) -> dict[str, Any]:
+    """``{key: value}`` for one side (``bn``: the detector's table, rows of this side under ``label``):
+    ``{phase: {key: value}}`` entries for the LR decay and the optimizer constants (collapsed by
+    :func:`diff`), the model's own entries (``spec.executed``) and the BatchNorm behaviour measured."""
+    values: dict[str, Any] = {ph.name: {**dict(zip(("lr.decay_steps", "lr.decay_factor"), _decay(side, ph.name))),
+                                        **{f"adam.{k}": v for k, v in side.optimizer_constants(ph.name).items()}} for ph in spec.phases}
+    values.update(spec.executed(side, batch))
+    if not spec.has_batchnorm:
+        values["batchnorm"] = "none"
+    elif bn is not None:
         rows = bn[bn["side"] == label]
         for prop in ("stats", "updated", "position", "dropout"):
             values[f"batchnorm.{prop}"] = ", ".join(sorted({str(v) for v in rows[prop]}))
@@ -53,8 +59,12 @@ def executed(side: Any, x: np.ndarray, eps: np.ndarray, bn: pd.DataFrame | None,
     return values
 
 
-def load_registry(model: str) -> dict[str, dict[str, str]]:
-    path = REGISTRY_DIR / f"{model}.csv"
+def load_registry(path: str | Path) -> dict[str, dict[str, str]]:
+    """The deviation registry at ``path`` (a model's ``harness/deviations/<model>.csv`` or a user's
+    ``--deviations`` file): columns key, reference, port, reason, expected_effect."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: deviation registry not found (CSV: key,reference,port,reason,expected_effect)")
     with path.open(newline="") as f:
         rows = list(csv.DictReader(f))
     need = {"key", "reference", "port", "reason", "expected_effect"}
@@ -64,7 +74,13 @@ def load_registry(model: str) -> dict[str, dict[str, str]]:
 
 
 def diff(reference: dict[str, Any], port: dict[str, Any], registry: dict[str, dict[str, str]]) -> list[Comparison]:
-    """One Comparison per key: PASS (same), DECLARED (in the registry with these values), FAIL."""
+    """One Comparison per key: PASS (same), DECLARED (in the registry with these values), FAIL.
+    Per-phase entries are collapsed first (:func:`per_phase`)."""
+    phases = [k for k, v in reference.items() if isinstance(v, dict)]
+    if phases:
+        ref_ph, port_ph = per_phase({k: reference[k] for k in phases}, {k: port.get(k, {}) for k in phases})
+        reference = {**ref_ph, **{k: v for k, v in reference.items() if k not in phases}}
+        port = {**port_ph, **{k: v for k, v in port.items() if k not in phases}}
     out = []
     for key in list(reference) + [k for k in port if k not in reference]:
         a, b = reference.get(key, "<absent>"), port.get(key, "<absent>")
@@ -75,6 +91,6 @@ def diff(reference: dict[str, Any], port: dict[str, Any], registry: dict[str, di
         elif declared and declared["reference"] == str(a) and declared["port"] == str(b):
             verdict, note = "DECLARED", f"reference {a} / port {b}: {declared['reason']} (expected: {declared['expected_effect']})"
         else:
-            verdict, note = "FAIL", f"reference {a} / port {b}: not in {REGISTRY_DIR.name}/ registry"
+            verdict, note = "FAIL", f"reference {a} / port {b}: not in the deviation registry"
         out.append(Comparison(key, (), 0.0 if same else float("nan"), 0.0, 0.0, (), 0.0, 0.0, 0.0, verdict, note))
     return out

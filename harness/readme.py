@@ -98,7 +98,8 @@ def render(readme: str, results: Path) -> str:
         pattern = re.compile(rf"(<!-- {name}:begin -->).*?(<!-- {name}:end -->)", re.S)
         if not pattern.search(readme):
             raise ValueError(f"README.md: markers <!-- {name}:begin --> / <!-- {name}:end --> not found")
-        readme = pattern.sub(lambda m: f"{m.group(1)}\n{fn(results)}\n{m.group(2)}", readme)
+        body = fn(results)
+        readme = pattern.sub(lambda m, body=body: f"{m.group(1)}\n{body}\n{m.group(2)}", readme)
     return readme
 
 

@@ -34,47 +34,17 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
-from harness.compare import FLOAT32_EPS, compare_all
-from harness.parity import _floors, _split, judge
+from harness.compare import FLOAT32_EPS
+from harness.engine import MULTIPLE, floors, judge, split
+from harness.env import fingerprint
+from harness.spec import ModelSpec, T4Step
 
-SOM_INIT_LRS = (0.9, 0.3, 0.1, 0.01)
-PHASE_LR = {"vae": 1e-3, "joint": 1e-3}
 # growth curves: (side A, side B) of each distance; the first is judged, the others are its band
 PAIRS = {"torch vs TF": ("tf", "torch"), "torch32 vs torch64": ("torch64", "torch"), "TF32 vs TF64": ("tf64", "tf")}
-
-
-@dataclass(frozen=True)
-class Step:
-    index: int
-    phase: str
-    lr_feed: float
-    batch: int  # batch index within the epoch
-    epoch_start: bool
-
-
-def plan(steps: int, epoch_steps: int) -> list[Step]:
-    """``steps`` steps: ~30 % VAE, ~10 % per SOM-init stage, the rest joint (at least one step each)."""
-    n_vae = max(1, round(0.3 * steps))
-    n_som = [max(1, round(0.1 * steps)) for _ in SOM_INIT_LRS]
-    n_joint = max(1, steps - n_vae - sum(n_som))
-    segments = [("vae", PHASE_LR["vae"], n_vae)] + [("som_init", lr, n) for lr, n in zip(SOM_INIT_LRS, n_som)]
-    segments.append(("joint", PHASE_LR["joint"], n_joint))
-    out, i = [], 0
-    for phase, lr, n in segments:
-        for k in range(n):
-            out.append(Step(i, phase, lr, i % epoch_steps, phase == "joint" and (k == 0 or i % epoch_steps == 0)))
-            i += 1
-    return out
-
-
-def _target(q: np.ndarray) -> np.ndarray:
-    w = q.astype(np.float64) ** 2 / q.astype(np.float64).sum(0)
-    return (w / w.sum(1, keepdims=True)).astype(np.float32)
 
 
 def _norms(weights: dict[str, np.ndarray]) -> dict[str, float]:
@@ -85,36 +55,22 @@ def _max_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
     return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) / max(float(np.max(np.abs(a[k]))), 1e-30) for k in a)
 
 
-def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, multiple: float = 10.0,
+def run(spec: ModelSpec, variant: str, steps: int, seed: int = 0, dataset: str | None = None, multiple: float = MULTIPLE,
         epoch_steps: int = 10, make_port: Callable | None = None, progress: bool = True, init: str = "pcg64",
-        synced: bool = True) -> dict[str, Any]:
+        synced: bool = True, overrides: dict | None = None) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
-    from harness.adapters.dpsom import TFReferenceDPSOM, TorchDPSOM
-    from harness.data import DataNotFoundError, dpsom_splits, load_raw
-    from ports.dpsom.config import get_config
-
-    make_port = make_port or TorchDPSOM
-    cfg = get_config(variant)
-    B, D = cfg.batch_size, cfg.latent_dim
-    raw = None
-    for name in [dataset] if dataset else ["MNIST", "digits"]:
-        try:
-            raw = load_raw(name, download=False)
-            break
-        except DataNotFoundError:
-            if dataset:
-                raise
-    x_train = dpsom_splits(raw, validation=False).x_train[: epoch_steps * B]
+    make_port = make_port or (lambda c, dtype: spec.make_port(c, dtype))
+    cfg = spec.get_config(variant, overrides)
+    B = cfg.batch_size
+    x_train, data_name = spec.load_data(cfg, dataset, epoch_steps * B)
     if len(x_train) < epoch_steps * B:
-        raise ValueError(f"{raw.name}: {len(x_train)} training images < epoch_steps x batch_size = {epoch_steps * B}")
+        raise ValueError(f"{data_name}: {len(x_train)} training inputs < epoch_steps x batch_size = {epoch_steps * B}")
     rng = np.random.Generator(np.random.PCG64(seed))
-    sides = {"tf": TFReferenceDPSOM(cfg), "tf64": TFReferenceDPSOM(cfg, "float64"), "torch": make_port(cfg, "float32"),
+    sides = {"tf": spec.make_reference(cfg), "tf64": spec.make_reference(cfg, "float64"), "torch": make_port(cfg, "float32"),
              "torch64": make_port(cfg, "float64")}
     if init == "pcg64":
-        from harness.init import draw_weights
-
-        sides["tf"].set_weights(draw_weights({k: v.shape for k, v in sides["tf"].get_weights().items()}, rng))
+        sides["tf"].set_weights(spec.draw_weights({k: v.shape for k, v in sides["tf"].get_weights().items()}, rng))
     w0 = sides["tf"].get_weights()
     for k in ("tf64", "torch", "torch64"):
         sides[k].set_weights(w0)
@@ -122,42 +78,37 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
     # The reference's own float32 rounding, measured: one realisation of the port's (float32 vs
     # float64) alone under-estimates it at some steps (measured: loss.kl_pq, a sum of near-cancelling
     # p log(p/q) terms, 2.7 x a port-only band at one of 100 dense steps).
-    ref64 = TFReferenceDPSOM(cfg, "float64") if synced else None
-    uniform_p = np.full((B, cfg.n_nodes), 1.0 / cfg.n_nodes, np.float32)  # q-independent p for the loss probe before p exists
+    ref64 = spec.make_reference(cfg, "float64") if synced else None
     sync_steps: list[dict[str, Any]] = []
     first_sync: dict[str, Any] | None = None
     # The reference's state before the next step = what it was after the last one (fetched once).
     pre = (w0, sides["tf"].optimizer_state()) if synced else None
+    constants = spec.constants(cfg)
 
     t0 = time.perf_counter()
     records: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
     growth: dict[str, list[float]] = {f"{c}: {pair}": [] for c in ("losses", "weights") for pair in PAIRS}
-    p: dict[str, np.ndarray] = {}
+    state: dict[str, Any] = {}
     first_exit: dict[str, Any] | None = None
-    floor: dict[str, float] = {}
-    for st in tqdm(plan(steps, epoch_steps), desc=f"T4 {variant}", disable=not progress):
-        eps = rng.standard_normal((B, D)).astype(np.float32)
-        if st.epoch_start:
-            eps_q = rng.standard_normal((len(x_train), D)).astype(np.float32)
-            p = {k: _target(np.concatenate([s.forward(x_train[i : i + B], eps_q[i : i + B])["som.q"] for i in range(0, len(x_train), B)]))
-                 for k, s in sides.items()}
-        x = x_train[st.batch * B : (st.batch + 1) * B]
+    band_floor: dict[str, float] = {}
+    schedule = spec.t4_plan(cfg, steps, epoch_steps)
+    for st in tqdm(schedule, desc=f"T4 {spec.name} {variant}", disable=not progress):
+        batches = spec.t4_batches(cfg, st, rng, x_train, sides, state)
         ref = sides["tf"]
         if synced:
-            p_sync = p["tf"][st.batch * B : (st.batch + 1) * B] if st.phase == "joint" else uniform_p
             ref64.set_weights(pre[0])
-            ref_losses = ref.losses(x, eps, p_sync), _split(ref.losses, x, eps, p_sync, per_sample=False), ref64.losses(x, eps, p_sync)
+            b = batches["tf"]
+            ref_losses = ref.losses(b), split(ref.losses, b, spec.reductions), ref64.losses(b)
         weights, gradients = {}, None
         for k, s in sides.items():
-            pb = p[k][st.batch * B : (st.batch + 1) * B] if st.phase == "joint" else None
-            out = s.step(st.phase, x, st.lr_feed, eps, pb, **({"return_gradients": True} if synced and k == "tf" else {}))
+            out = s.step(st.phase, batches[k], st.lr_feed, return_gradients=synced and k == "tf")
             gradients = out.pop("gradients", gradients)
             rec = {key: float(v) for key, v in out.items()}
             weights[k] = s.get_weights()
             records[k].append({**rec, **_norms(weights[k])})
         if synced:
-            post = weights["tf"], ref.optimizer_state()
-            rows = _synced_step(st, sync, pre, ref_losses, (x, eps, p_sync), gradients, records["tf"][-1], *post, multiple)
+            post = weights["tf"], ref.optimizer_state(st.phase)
+            rows = _synced_step(st, sync, pre, ref_losses, batches["tf"], gradients, records["tf"][-1], *post, multiple, constants)
             pre = post
             sync_steps.append(_summary(st, rows))
             if first_sync is None and sync_steps[-1]["first"] is not None:
@@ -166,11 +117,12 @@ def run(variant: str, steps: int, seed: int = 0, dataset: str | None = None, mul
             growth[f"weights: {pair}"].append(_max_rel(weights[a], weights[b]))
             growth[f"losses: {pair}"].append(_loss_rel(records[a][-1], records[b][-1]))
         if first_exit is None:
-            first_exit = _leaves_band(st, records, growth, multiple, floor)
+            first_exit = _leaves_band(st, records, growth, multiple, band_floor)
     return {
-        "model": "dpsom", "variant": variant, "tier": "T4", "steps": steps, "epoch_steps": epoch_steps,
-        "seed": seed, "init": init, "data": raw.name, "multiple": multiple, "seconds": time.perf_counter() - t0,
-        "plan": [st.__dict__ for st in plan(steps, epoch_steps)],
+        "model": spec.name, "variant": variant, "tier": "T4", "steps": steps, "epoch_steps": epoch_steps,
+        "seed": seed, "init": init, "data": data_name, "multiple": multiple, "seconds": time.perf_counter() - t0,
+        "config": spec.config_dict(cfg), "environment": fingerprint(),
+        "plan": [st.__dict__ for st in schedule],
         "records": records, "growth": growth, "first_exit": first_exit,
         "synced": {"steps": sync_steps, "first_divergence": first_sync} if synced else None,
         "verdict": _verdict(first_exit, first_sync),
@@ -184,27 +136,27 @@ def _verdict(first_exit: dict | None, first_sync: dict | None) -> str:
     return "PASS" if first_sync is None else first_sync["verdict"]
 
 
-def _synced_step(st: Step, sync: dict, pre: tuple[dict, dict], ref_losses: tuple[dict, dict, dict], batch: tuple, gradients: dict,
-                 ref_rec: dict, ref_weights: dict, ref_optimizer: dict, multiple: float) -> dict[str, list]:
+def _synced_step(st: T4Step, sync: dict, pre: tuple[dict, dict], ref_losses: tuple[dict, dict, dict], batch: dict, gradients: dict,
+                 ref_rec: dict, ref_weights: dict, ref_optimizer: dict, multiple: float, constants: dict) -> dict[str, list]:
     """One step of the synced ports from the reference's pre-step state (see the module docstring)."""
-    x, eps, p = batch
     out: dict[str, dict[str, dict]] = {}
     for k, s in sync.items():
         s.set_weights(pre[0])
-        s.set_optimizer_state(pre[1])
-        losses = s.losses(x, eps, p)
+        s.set_optimizer_state(pre[1], st.phase)
+        losses = s.losses(batch)
         rec = s.apply_gradients(st.phase, gradients, st.lr_feed)
-        out[k] = {"losses": losses, "lr, global_step": rec, "weights": s.get_weights(), "optimizer": s.optimizer_state()}
+        out[k] = {"losses": losses, "lr, global_step": rec, "weights": s.get_weights(), "optimizer": s.optimizer_state(st.phase)}
     t32, t64 = out["torch"], out["torch64"]
-    full, split, ref64 = ref_losses
-    rows = {"losses": judge(full, split, t32["losses"], t64["losses"], multiple, ref64)[0],
-            "lr, global_step": compare_all({k: ref_rec[k] for k in t32["lr, global_step"]}, t32["lr, global_step"], {}, multiple)}
+    full, halves, ref64 = ref_losses
+    rows = {"losses": judge(full, t32["losses"], {"float64": floors(t32["losses"], t64["losses"]), "split_tf": floors(full, halves),
+                                                  "float64_tf": floors(full, ref64)}, multiple, constants=constants),
+            "lr, global_step": judge({k: ref_rec[k] for k in t32["lr, global_step"]}, t32["lr, global_step"], {}, multiple, constants=constants)}
     for what, ref_values in (("weights", ref_weights), ("optimizer", ref_optimizer)):
-        rows[what] = compare_all(ref_values, t32[what], _floors(t32[what], t64[what]), multiple)
+        rows[what] = judge(ref_values, t32[what], {"float64": floors(t32[what], t64[what])}, multiple, constants=constants)
     return rows
 
 
-def _summary(st: Step, rows: dict[str, list]) -> dict[str, Any]:
+def _summary(st: T4Step, rows: dict[str, list]) -> dict[str, Any]:
     """Per synced step: the worst |TF - torch| / tolerance of each section and the first non-PASS row."""
     worst = {k: max((r.max_abs / r.tolerance if r.tolerance > 0 else (0.0 if r.max_abs == 0 else math.inf)) for r in v)
              for k, v in rows.items()}
@@ -213,7 +165,7 @@ def _summary(st: Step, rows: dict[str, list]) -> dict[str, Any]:
             "first": None if first is None else {"step": st.index, "phase": st.phase, "section": first[0], **first[1].to_dict()}}
 
 
-def _leaves_band(st: Step, records: dict[str, list[dict[str, float]]], growth: dict[str, list[float]], multiple: float,
+def _leaves_band(st: T4Step, records: dict[str, list[dict[str, float]]], growth: dict[str, list[float]], multiple: float,
                  floor: dict[str, float]) -> dict[str, Any] | None:
     """Whether the sides left their band at this step, and on what.
 
@@ -269,7 +221,7 @@ def figure(report: dict[str, Any], path) -> None:
             a.axvline(b, color="grey", lw=0.5)
         ax.text(b, ax.get_ylim()[1], report["plan"][b]["phase"], fontsize=7, va="top")
     ax.set_ylabel("max relative difference")
-    ax.set_title(f"DPSOM {report['variant']}: T4, {report['steps']} steps, seed {report['seed']}")
+    ax.set_title(f"{report['model']} {report['variant']}: T4, {report['steps']} steps, seed {report['seed']}")
     ax.legend(fontsize=7)
     if synced:
         ax2 = axes[1, 0]

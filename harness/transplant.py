@@ -2,21 +2,24 @@
 
 The canonical layout is TensorFlow's: Dense kernels ``(in, out)``, Conv2D kernels
 ``(kh, kw, in, out)``, Conv2DTranspose kernels ``(kh, kw, out, in)``, NHWC flatten order at the
-conv <-> dense boundary. A table row names the torch state_dict key and one transform from a
-closed set; every copy checks its shape, and missing / unexpected / mismatched names fail loudly
-before anything is written. Framework-free: both sides and the harness use it.
+conv <-> dense boundary. A table row names the torch state_dict key and its transform: ops from a
+closed set joined by ``|`` (transposes, permutations, NHWC<->NCHW rows, slices: a port holding part
+of a canonical tensor, e.g. one half of a split head, maps partially). Every copy checks its shape,
+and missing / unexpected / mismatched names fail loudly before anything is written. Framework-free.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from importlib import resources
+from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
-TRANSFORMS = ("identity", "transpose", "conv", "conv_transpose")
+TRANSFORMS = ("identity", "transpose", "conv", "conv_transpose", "permute", "slice", "rows_hwc_to_chw")
 
 
 @dataclass(frozen=True)
@@ -24,42 +27,92 @@ class Row:
     canonical: str
     torch_key: str
     torch_transform: str
-    tf_variable: str
-    original_checkpoint: str
+    tf_variable: str = ""
+    original_checkpoint: str = ""
+
+    @property
+    def partial(self) -> bool:
+        """The port's tensor is only a part of the canonical one (a ``slice``): not invertible."""
+        return any(op.startswith("slice") for op in _ops(self.torch_transform))
 
 
-def load_table(model: str, variant: str) -> tuple[Row, ...]:
-    """Rows of ``harness/tables/{model}_{variant}.csv`` (variant 'dense' or 'conv')."""
-    name = f"{model}_{variant}.csv"
-    text = resources.files("harness").joinpath("tables", name).read_text()
-    rows = tuple(Row(**r) for r in csv.DictReader(text.splitlines()))
-    bad = [r.canonical for r in rows if r.torch_transform not in TRANSFORMS]
-    if bad:
-        raise ValueError(f"{name}: unknown torch_transform for {bad}; expected one of {TRANSFORMS}")
+def _ops(transform: str) -> list[str]:
+    return [op.strip() for op in transform.split("|") if op.strip()]
+
+
+def _parse(op: str) -> tuple[str, list[str]]:
+    m = re.fullmatch(r"([a-z_]+)(?:\((.*)\))?", op)
+    if not m or m.group(1) not in TRANSFORMS:
+        raise ValueError(f"unknown transform {op!r}; expected '|'-joined ops of {TRANSFORMS}, "
+                         "e.g. 'transpose', 'permute(3,2,0,1)', 'slice(1,0:7)|transpose', 'rows_hwc_to_chw(7,7,256)'")
+    return m.group(1), [a.strip() for a in (m.group(2) or "").split(",") if a.strip()]
+
+
+def _apply(array: np.ndarray, op: str, inverse: bool) -> np.ndarray:
+    kind, args = _parse(op)
+    if kind == "identity":
+        return array
+    if kind == "transpose":  # Dense (in, out) <-> nn.Linear (out, in)
+        return np.ascontiguousarray(array.T)
+    if kind in ("conv", "conv_transpose"):
+        # Conv2D (kh,kw,in,out) <-> (out,in,kh,kw); Conv2DTranspose (kh,kw,out,in) <-> (in,out,kh,kw).
+        return np.ascontiguousarray(np.transpose(array, (2, 3, 1, 0) if inverse else (3, 2, 0, 1)))
+    if kind == "permute":
+        axes = [int(a) for a in args]
+        return np.ascontiguousarray(np.transpose(array, np.argsort(axes) if inverse else axes))
+    if kind == "rows_hwc_to_chw":  # rows of a Dense kernel after an NHWC flatten <-> after an NCHW flatten
+        h, w, c = (int(a) for a in args)
+        rest = array.shape[1:]
+        if inverse:
+            return np.ascontiguousarray(array.reshape(c, h, w, *rest).transpose(1, 2, 0, *range(3, 3 + len(rest))).reshape(array.shape))
+        return np.ascontiguousarray(array.reshape(h, w, c, *rest).transpose(2, 0, 1, *range(3, 3 + len(rest))).reshape(array.shape))
+    if kind == "slice":
+        if inverse:
+            raise ValueError(f"{op}: a slice cannot be inverted (the port holds only part of the canonical tensor)")
+        axis, (start, stop) = int(args[0]), args[1].split(":")
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(int(start) if start else None, int(stop) if stop else None)
+        return np.ascontiguousarray(array[tuple(index)])
+    raise AssertionError(kind)
+
+
+def load_table(model: str | Path, variant: str | None = None) -> tuple[Row, ...]:
+    """Rows of a mapping table: ``harness/tables/{model}_{variant}.csv``, or a CSV file at a path
+    (a user's port: columns ``canonical,torch_key,torch_transform``, the TF columns optional)."""
+    if variant is None:
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: mapping table not found (a CSV with columns canonical,torch_key,torch_transform)")
+        name, text = str(path), path.read_text()
+    else:
+        name = f"{model}_{variant}.csv"
+        text = resources.files("harness").joinpath("tables", name).read_text()
+    reader = csv.DictReader(text.splitlines())
+    need = {"canonical", "torch_key", "torch_transform"}
+    if not need <= set(reader.fieldnames or ()):
+        raise ValueError(f"{name}: columns {sorted(need)} expected, got {reader.fieldnames}")
+    rows = tuple(Row(**{k: v for k, v in r.items() if k in Row.__dataclass_fields__}) for r in reader)
+    for r in rows:
+        try:
+            for op in _ops(r.torch_transform):
+                _parse(op)
+        except ValueError as err:
+            raise ValueError(f"{name}: row {r.canonical}: {err}") from None
     return rows
 
 
 def canonical_to_torch(array: np.ndarray, transform: str) -> np.ndarray:
-    """Canonical (TF) layout -> torch layout."""
-    if transform == "identity":
-        return array
-    if transform == "transpose":  # Dense (in, out) -> nn.Linear (out, in)
-        return np.ascontiguousarray(array.T)
-    if transform in ("conv", "conv_transpose"):
-        # Conv2D (kh,kw,in,out) -> (out,in,kh,kw); Conv2DTranspose (kh,kw,out,in) -> (in,out,kh,kw).
-        return np.ascontiguousarray(np.transpose(array, (3, 2, 0, 1)))
-    raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+    """Canonical (TF) layout -> torch layout: the ``|``-joined ops left to right."""
+    for op in _ops(transform):
+        array = _apply(array, op, inverse=False)
+    return array
 
 
 def torch_to_canonical(array: np.ndarray, transform: str) -> np.ndarray:
-    """Inverse of :func:`canonical_to_torch`."""
-    if transform == "identity":
-        return array
-    if transform == "transpose":
-        return np.ascontiguousarray(array.T)
-    if transform in ("conv", "conv_transpose"):
-        return np.ascontiguousarray(np.transpose(array, (2, 3, 1, 0)))
-    raise ValueError(f"unknown transform {transform!r}; expected one of {TRANSFORMS}")
+    """Inverse of :func:`canonical_to_torch` (ops inverted, right to left; a slice cannot be)."""
+    for op in reversed(_ops(transform)):
+        array = _apply(array, op, inverse=True)
+    return array
 
 
 class TransplantError(ValueError):
@@ -105,7 +158,7 @@ def read_original_checkpoint(path: str, model: str, variant: str) -> dict[str, n
     except Exception as err:  # noqa: BLE001 -- TF raises several types for a bad prefix
         raise TransplantError(f"{path}: not a readable TF checkpoint ({type(err).__name__}: {err})") from None
     stored = reader.get_variable_to_shape_map()
-    rows = load_table(model, variant)
+    rows = [r for r in load_table(model, variant) if r.original_checkpoint]
     missing = sorted(r.original_checkpoint for r in rows if r.original_checkpoint not in stored)
     if missing:
         raise TransplantError(f"{path}: nothing loaded; missing variables of the original layout: {missing}")

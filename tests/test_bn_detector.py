@@ -45,7 +45,8 @@ def _inputs(variant: str = "tiny-dense", batch: int = 16) -> tuple[np.ndarray, n
 
 def _detect(sides: dict, variant: str = "tiny-dense", batch: int = 16):
     torch.manual_seed(2)  # dropout masks come from torch's global stream: same table every run
-    return detect(sides, *_inputs(variant, batch))
+    x, eps = _inputs(variant, batch)
+    return detect(sides, {"x": x, "eps": eps})
 
 
 def _assert_original(rows) -> None:

@@ -378,3 +378,43 @@ def test_fit_checkpoints_resumes_and_stops_on_nan(tmp_path):
         fit(Trainer(cfg, model=_model(seed=2)), bad, tmp_path / "nan")
     assert not (tmp_path / "nan" / "checkpoint.pt").exists()
     assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt
+
+
+# --- evaluation metrics (the port's own sklearn code vs harness.metrics) ----------------------
+
+
+@pytest.mark.parametrize("n_clusters", [64, 10, 4])
+def test_port_cluster_metrics_equal_harness_metrics(n_clusters):
+    from harness import metrics as hm
+    from ports.dpsom.evaluate import cluster_metrics
+
+    rng = np.random.default_rng(n_clusters)
+    y = rng.integers(0, 10, 1000)
+    k = np.where(rng.random(1000) < 0.5, y % n_clusters, rng.integers(0, n_clusters, 1000))  # some signal
+    k[k == 3] = 5  # an empty cluster id below the maximum
+    for method in ("geometric", "arithmetic", "min", "max"):
+        got = cluster_metrics(y, k, nmi_average_method=method)
+        want = hm.cluster_metrics(y, k)
+        want["nmi"] = hm.nmi(y, k, average_method=method)
+        assert list(got) == list(want) and got == want, method  # same keys, bit-identical floats
+        assert all(type(v) is float for v in got.values())
+
+
+def test_port_evaluate_equals_harness_metrics_on_assignments():
+    from harness import metrics as hm
+    from ports.dpsom.evaluate import assign_clusters, evaluate
+
+    cfg = get_config("tiny-dense", nmi_average_method="arithmetic")
+    model = _model(seed=3)
+    rng = np.random.default_rng(4)
+    n = 3 * cfg.batch_size + 2  # the remainder is not evaluated
+    x = rng.random((n, *cfg.image_shape), dtype=np.float32)
+    y = rng.integers(0, 10, n)
+    got = evaluate(model, x, y, cfg)
+    k = assign_clusters(model, x, cfg)
+    want = hm.cluster_metrics(y[: len(k)], k)
+    want["nmi"] = hm.nmi(y[: len(k)], k, average_method="arithmetic")
+    want["n_evaluated"] = 3 * cfg.batch_size
+    assert got == want
+    with pytest.raises(ValueError, match="integer"):
+        evaluate(model, x, y.astype(np.float64), cfg)

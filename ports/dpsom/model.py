@@ -34,8 +34,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from harness.transplant import canonical_to_torch, check_weights, load_table, torch_to_canonical
-
 from .config import EMBEDDING_INIT_STDDEV, TRIL_DIAG_SHIFT, DPSOMConfig
 
 
@@ -344,7 +342,6 @@ class DPSOM(nn.Module):
             enc_out = config.dense_enc_dims[-1]
         self.posterior = TriLPosterior(enc_out, config.latent_dim)
         self.som = SOM(config.som_dim, config.latent_dim)
-        self._table = load_table("dpsom", "conv" if config.convolution else "dense")
 
     def forward(
         self, x: Tensor, eps: Tensor | None = None, *, decode: bool = True, generator: torch.Generator | None = None,
@@ -370,27 +367,6 @@ class DPSOM(nn.Module):
         out.emit("som.q", student_t_q(dist, cfg.alpha, cfg.q_epsilon))
         out.emit("som.k", dist.argmin(dim=1))
         return out
-
-    # --- weights in canonical layout ---------------------------------------------------------
-    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        state = self.state_dict()
-        return {r.canonical: torch_to_canonical(state[r.torch_key].numpy(force=True), r.torch_transform).shape for r in self._table}
-
-    def get_weights(self) -> dict[str, np.ndarray]:
-        state = self.state_dict()
-        return {
-            r.canonical: torch_to_canonical(state[r.torch_key].detach().cpu().numpy(), r.torch_transform).copy()
-            for r in self._table
-        }
-
-    @torch.no_grad()
-    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
-        """Strict: every missing / unexpected / mismatched name is listed and nothing is written."""
-        check_weights(weights, self.canonical_shapes(), where=f"ports.dpsom.DPSOM({'conv' if self.config.convolution else 'dense'})")
-        state = self.state_dict()
-        for r in self._table:
-            value = torch.from_numpy(canonical_to_torch(np.asarray(weights[r.canonical]), r.torch_transform))
-            state[r.torch_key].copy_(value.to(state[r.torch_key].dtype))
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.parameters())

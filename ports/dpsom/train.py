@@ -62,7 +62,6 @@ class Trainer:
         self.model = model if model is not None else DPSOM(config)
         self.optimizer = TF1Adam(self.model.named_parameters())
         self.generator = generator if generator is not None else torch.Generator().manual_seed(config.random_seed)
-        self._canonical = {r.torch_key: r for r in self.model._table}
         self.phase: str | None = None
 
     def begin_phase(self, phase: str) -> None:
@@ -121,34 +120,6 @@ class Trainer:
             out = self.model(torch.as_tensor(x[start : start + chunk]), e, decode=False, generator=self.generator)
             qs.append(out["som.q"])
         return torch.cat(qs).numpy()
-
-    # --- optimizer state in canonical names and layout -----------------------------------------
-    def get_optimizer_state(self) -> dict[str, Any]:
-        from harness.transplant import torch_to_canonical
-
-        state = self.optimizer.state_dict()
-        out: dict[str, Any] = {k: v for k, v in state.items() if k.startswith("optim.")}
-        for key, row in self._canonical.items():
-            if key in self.optimizer.params:
-                for slot in ("adam_m", "adam_v"):
-                    out[f"{row.canonical}/{slot}"] = torch_to_canonical(state[f"{key}/{slot}"].numpy(), row.torch_transform)
-        return out
-
-    def set_optimizer_state(self, state: dict[str, Any]) -> None:
-        from harness.transplant import canonical_to_torch
-
-        torch_state: dict[str, Any] = {k: state[k] for k in ("optim.global_step", "optim.beta1_power", "optim.beta2_power") if k in state}
-        by_canonical = {row.canonical: (key, row) for key, row in self._canonical.items() if key in self.optimizer.params}
-        for name, value in state.items():
-            if name.startswith("optim."):
-                continue
-            canonical, _, slot = name.rpartition("/")
-            if canonical not in by_canonical:
-                torch_state[name] = value  # reported as unexpected by load_state_dict
-                continue
-            key, row = by_canonical[canonical]
-            torch_state[f"{key}/{slot}"] = canonical_to_torch(np.asarray(value), row.torch_transform)
-        self.optimizer.load_state_dict(torch_state)
 
     # --- checkpoints ---------------------------------------------------------------------------
     def save(self, path: Path, epochs_done: int) -> None:
@@ -221,11 +192,63 @@ def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path, resume: bool = Fal
     return history
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m ports.dpsom.train [variant=dense] [data_dir=...] [out_dir=...] [resume=True] key=value ...``"""
-    from harness.data import dpsom_splits, load_raw
-    from harness.env import fingerprint, seed_all
+def seed_everything(seed: int) -> dict[str, Any]:
+    """Seed python, numpy and torch; deterministic, TF32-free torch math. Returns the switches."""
+    import random
 
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():  # deterministic cuBLAS needs a fixed workspace
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    return {"seed": seed, "torch_deterministic": True, "torch_tf32": False}
+
+
+def environment(device: str) -> dict[str, Any]:
+    """A small record of where the run happened: versions, device, threads, git commit."""
+    import platform
+    import subprocess
+
+    def git(*args: str) -> str:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", *args], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        commit = (commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")) or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "git_commit": commit,
+        "device": device,
+        "torch.cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch.num_threads": torch.get_num_threads(),
+        "torch.tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "torch.tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "torch.deterministic": torch.are_deterministic_algorithms_enabled(),
+    }
+    for name in ("numpy", "scipy", "sklearn", "torch"):
+        module = sys.modules.get(name)
+        if module is not None:
+            info[f"version.{name}"] = getattr(module, "__version__", "?")
+    return info
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """``python -m ports.dpsom.train [variant=dense] [data_dir=...] [out_dir=...] [resume=True] key=value ...``
+
+    ``data_dir``: a directory with MNIST / Fashion-MNIST or a Keras ``.npz`` (default
+    ``$PARITY_DATA_DIR``; see :mod:`ports.dpsom.data`).
+    """
+    from .data import load_dpsom_data
     from .evaluate import evaluate
 
     args = parse_overrides(sys.argv[1:] if argv is None else argv)
@@ -234,15 +257,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out_dir = Path(args.pop("out_dir", f"runs/ports-dpsom-{variant}"))
     resume = args.pop("resume", "False").lower() in ("1", "true", "yes")
     cfg = get_config(variant, **args)
-    flags = seed_all(cfg.random_seed)
-    data = dpsom_splits(load_raw(cfg.data_set, data_dir), cfg.validation)
+    flags = seed_everything(cfg.random_seed)
+    data = load_dpsom_data(cfg.data_set, data_dir, cfg.validation)
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
     fit(trainer, data.x_train, out_dir, resume=resume)
     metrics = evaluate(trainer.model, data.x_eval, data.y_eval, cfg)
     result = {
         "side": "ports.dpsom", "variant": variant, "metrics": metrics, "config": cfg.to_dict(),
-        "determinism": flags, "environment": fingerprint(), "train_seconds": time.perf_counter() - t0,
+        "determinism": flags, "environment": environment(str(next(trainer.model.parameters()).device)),
+        "data_source": data.source, "train_seconds": time.perf_counter() - t0,
     }
     results = Path("results") / "runs"
     results.mkdir(parents=True, exist_ok=True)

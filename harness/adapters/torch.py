@@ -1,0 +1,247 @@
+"""Any ``nn.Module`` plus a mapping table, driven as a :class:`harness.protocols.PortSide`.
+
+The table (harness/transplant.py) maps canonical names onto the module's ``state_dict`` keys with a
+layout transform; from it this base derives canonical weights (strict set, round trip), gradients,
+the optimizer state (torch ``Adam``'s ``exp_avg`` / ``exp_avg_sq`` / ``step`` by default), the
+isolated optimizer update and a checkpoint. Our DPSOM port goes through it exactly as a user's port
+does (harness/adapters/dpsom.py; docs/bring-your-own-port.md has the template).
+
+A subclass provides what only it knows: ``forward(batch)`` (canonical tensor names), ``losses``,
+``loss_tensor(loss, batch)`` (for gradients), ``optimizer_step(phase, lr_feed)`` and
+``learning_rate_at``, and ``optimizer_for(phase)``; optionally ``forward_isolated`` and
+``bn_modules`` (for the BatchNorm detector's trace).
+
+Partial mappings: a canonical name whose row holds only a slice of it (``slice(...)``), or whose
+``torch_key`` is empty, is in ``absent``: set_weights writes what maps, get_weights / gradients /
+optimizer state leave it out, and the engine reports it STRUCTURAL. A port's own randomness
+(``nn.Dropout``) is injected: every dropout mask is drawn from numpy PCG64 keyed by the noise seed,
+the module's name and its call index within one public call, so the float32 and float64 copies of a
+port see the same masks and its float32 vs float64 floor stays a rounding floor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import zlib
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from harness.protocols import Batch, Unsupported
+from harness.transplant import Row, TransplantError, canonical_to_torch, check_weights, load_table, torch_to_canonical
+
+
+class TorchPortAdapter:
+    """Table-driven base; see the module docstring for what a subclass adds."""
+
+    name = "torch-port"
+
+    def __init__(self, module: Any, table: Sequence[Row] | str, config: Any = None, dtype: str = "float32", device: str = "cpu",
+                 noise_seed: int = 0) -> None:
+        import torch
+
+        self._torch = torch
+        self.config, self.dtype, self.device = config, dtype, torch.device(device)
+        self._tdtype = getattr(torch, dtype)
+        self.module = module.to(device=self.device, dtype=self._tdtype)
+        self.table = tuple(load_table(table) if isinstance(table, (str, os.PathLike)) else table)
+        state = self.module.state_dict(keep_vars=True)
+        unknown = sorted(r.torch_key for r in self.table if r.torch_key and r.torch_key not in state)
+        if unknown:
+            raise TransplantError(f"{type(self).__name__}: mapping table names torch keys the module does not have: {unknown}; "
+                                  f"module keys: {sorted(state)}")
+        self._tensors = state
+        by_name: dict[str, list[Row]] = {}
+        for r in self.table:
+            by_name.setdefault(r.canonical, []).append(r)
+        self._rows = by_name
+        self.absent = frozenset(k for k, rows in by_name.items() if any(r.partial or not r.torch_key for r in rows))
+        self._noise_seed, self._calls = noise_seed, {}
+        for mod_name, m in self.module.named_modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.register_forward_hook(self._dropout_hook(mod_name))
+
+    # --- conversions ----------------------------------------------------------------------------
+    def t(self, a: Any):
+        """numpy -> tensor on this side's device; floats in this side's dtype."""
+        a = np.asarray(a)
+        return self._torch.as_tensor(a, device=self.device).to(self._tdtype if a.dtype.kind == "f" else None)
+
+    @staticmethod
+    def numpy(t: Any) -> np.ndarray:
+        return t.detach().cpu().numpy()
+
+    def _full_rows(self) -> Iterator[Row]:
+        return (rows[0] for name, rows in self._rows.items() if name not in self.absent)
+
+    # --- weights --------------------------------------------------------------------------------
+    def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {r.canonical: torch_to_canonical(np.empty(tuple(self._tensors[r.torch_key].shape), np.float32), r.torch_transform).shape
+                for r in self._full_rows()}
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {r.canonical: torch_to_canonical(self.numpy(self._tensors[r.torch_key]), r.torch_transform).copy() for r in self._full_rows()}
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Strict over the mapped names; partially mapped names get the part that maps."""
+        expected = {**self.canonical_shapes(), **{k: np.shape(weights.get(k, ())) for k in self.absent}}
+        check_weights({k: v for k, v in weights.items() if k in self._rows}, expected, where=f"{self.name}.set_weights")
+        unexpected = sorted(set(weights) - set(self._rows))
+        if unexpected:
+            raise TransplantError(f"{self.name}.set_weights: nothing loaded; unexpected: {unexpected}")
+        values = []
+        for name, rows in self._rows.items():
+            for r in rows:
+                if r.torch_key and name in weights:
+                    v = canonical_to_torch(np.asarray(weights[name]), r.torch_transform)
+                    if tuple(v.shape) != tuple(self._tensors[r.torch_key].shape):
+                        raise TransplantError(f"{self.name}.set_weights: nothing loaded; {name} -> {r.torch_key} ({r.torch_transform}) "
+                                              f"gives {v.shape}, the module holds {tuple(self._tensors[r.torch_key].shape)}")
+                    values.append((r.torch_key, v))
+        with self._torch.no_grad():
+            for key, v in values:
+                self._tensors[key].copy_(self._torch.from_numpy(np.ascontiguousarray(v)).to(self._tensors[key].dtype))
+
+    # --- gradients and the isolated optimizer update ------------------------------------------
+    def loss_tensor(self, loss: str, batch: Batch):
+        raise Unsupported(f"{type(self).__name__} does not provide loss_tensor()")
+
+    def applied_gradients(self) -> dict[str, np.ndarray]:
+        """The ``.grad`` now on the parameters, canonical; none (and partially mapped ones) absent."""
+        params = dict(self.module.named_parameters())
+        return {r.canonical: torch_to_canonical(self.numpy(params[r.torch_key].grad), r.torch_transform)
+                for r in self._full_rows() if r.torch_key in params and params[r.torch_key].grad is not None}
+
+    def gradients(self, loss: str, batch: Batch) -> dict[str, np.ndarray]:
+        """d loss / d weight, canonical; weights without gradient (and partially mapped ones) absent."""
+        params = dict(self.module.named_parameters())
+        with self.noise_scope():
+            for p in params.values():
+                p.grad = None
+            self.loss_tensor(loss, batch).backward()
+        out = self.applied_gradients()
+        for p in params.values():
+            p.grad = None
+        return out
+
+    def optimizer_step(self, phase: str, lr_feed: float) -> dict[str, Any]:
+        """Apply the ``.grad`` now on the parameters with ``phase``'s optimizer; ``{"lr", "global_step"}``."""
+        raise Unsupported(f"{type(self).__name__} does not provide optimizer_step()")
+
+    def apply_gradients(self, phase: str, gradients: Mapping[str, np.ndarray], lr_feed: float) -> dict[str, Any]:
+        params = dict(self.module.named_parameters())
+        for p in params.values():
+            p.grad = None
+        for name, rows in self._rows.items():
+            for r in rows:
+                if name in gradients and r.torch_key in params:
+                    params[r.torch_key].grad = self.t(canonical_to_torch(np.asarray(gradients[name]), r.torch_transform))
+        return self.optimizer_step(phase, lr_feed)
+
+    # --- optimizer state (canonical) -------------------------------------------------------------
+    def optimizer_for(self, phase: str | None):
+        """The torch optimizer ``phase`` steps with (None: none yet)."""
+        raise Unsupported(f"{type(self).__name__} does not provide optimizer_for()")
+
+    global_step = 0
+
+    def _read_optimizer(self, phase: str | None) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+        """(scalars, {torch_key: {slot: array}}) of torch ``Adam``: β powers from its step count."""
+        opt = self.optimizer_for(phase)
+        if opt is None:
+            return {"optim.global_step": np.int64(self.global_step)}, {}
+        names = {id(p): k for k, p in self.module.named_parameters()}
+        slots, step = {}, 0
+        for group in opt.param_groups:
+            b1, b2 = group["betas"]
+            for p in group["params"]:
+                st = opt.state.get(p, {})
+                if "exp_avg" in st:
+                    slots[names[id(p)]] = {"adam_m": self.numpy(st["exp_avg"]), "adam_v": self.numpy(st["exp_avg_sq"])}
+                    step = int(st["step"])
+        return ({"optim.global_step": np.int64(self.global_step), "optim.beta1_power": np.float32(b1) ** step,
+                 "optim.beta2_power": np.float32(b2) ** step}, slots)
+
+    def _write_optimizer(self, phase: str | None, scalars: Mapping[str, Any], slots: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        raise Unsupported(f"{type(self).__name__} cannot set its optimizer state")
+
+    def optimizer_state(self, phase: str | None = None) -> dict[str, Any]:
+        scalars, slots = self._read_optimizer(phase)
+        out = dict(scalars)
+        for r in self._full_rows():
+            for slot, value in slots.get(r.torch_key, {}).items():
+                out[f"{r.canonical}/{slot}"] = torch_to_canonical(value, r.torch_transform)
+        return out
+
+    def set_optimizer_state(self, state: Mapping[str, Any], phase: str | None = None) -> None:
+        by_name = {r.canonical: r for r in self._full_rows()}
+        scalars, slots, unknown = {}, {}, []
+        for name, value in state.items():
+            if name.startswith("optim."):
+                scalars[name] = value
+                continue
+            canonical, _, slot = name.rpartition("/")
+            if canonical not in by_name:
+                unknown.append(name)
+                continue
+            r = by_name[canonical]
+            slots.setdefault(r.torch_key, {})[slot] = canonical_to_torch(np.asarray(value), r.torch_transform)
+        if unknown:
+            raise TransplantError(f"{self.name}.set_optimizer_state: nothing loaded; unexpected: {sorted(unknown)}")
+        self._write_optimizer(phase, scalars, slots)
+
+    # --- injected randomness ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def noise_scope(self) -> Iterator[None]:
+        """One public call: dropout call indices restart, so both dtype copies draw the same masks."""
+        self._calls = {}
+        yield
+
+    def _dropout_hook(self, mod_name: str):
+        def hook(module, args, output):
+            if not module.training or module.p == 0:
+                return output
+            index = self._calls[mod_name] = self._calls.get(mod_name, -1) + 1
+            rng = np.random.Generator(np.random.PCG64([self._noise_seed, zlib.crc32(mod_name.encode()), index]))
+            keep = rng.random(tuple(args[0].shape)) >= module.p
+            return args[0] * self.t(keep) / (1.0 - module.p)
+        return hook
+
+    # --- BatchNorm trace (harness/bn_detector.py) --------------------------------------------------
+    def bn_modules(self) -> dict[str, Any]:
+        """``{canonical BN name: module}``; the default finds none (the detector then says so)."""
+        return {}
+
+    def trace(self, batch: Batch, step: tuple[str, float] | None = None) -> dict[str, np.ndarray]:
+        """Forward tensors + ``<bn>.input`` (NHWC) of one run; with ``step`` the run inside that step."""
+        seen: dict[str, np.ndarray] = {}
+
+        def keep(name: str):
+            def hook(module, args, output) -> None:
+                for key, t in ((f"{name}.input", args[0]), (name, output)):
+                    t = t.detach()
+                    seen.setdefault(key, self.numpy(t.permute(0, 2, 3, 1) if t.dim() == 4 else t).copy())
+            return hook
+
+        hooks = [m.register_forward_hook(keep(n)) for n, m in self.bn_modules().items()]
+        try:
+            if step is None:
+                out = self.forward(batch)
+                return {**out, **{k: v for k, v in seen.items() if k not in out}}
+            self.step(step[0], batch, step[1])
+            return seen
+        finally:
+            for h in hooks:
+                h.remove()
+
+    # --- checkpoint -------------------------------------------------------------------------------
+    def save_checkpoint(self, path: str) -> str:
+        """The module's state_dict (torch.save, loadable with ``weights_only=True``), atomically."""
+        tmp = f"{path}.tmp"
+        self._torch.save(self.module.state_dict(), tmp)
+        os.replace(tmp, path)
+        return path
+
+    def forward_isolated(self, batch: Batch, teacher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        raise Unsupported(f"{type(self).__name__} cannot feed its layers another side's inputs")

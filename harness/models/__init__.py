@@ -1,0 +1,1 @@
+"""One module per model, each defining ``SPEC`` (a :class:`harness.spec.ModelSpec`); found by listing."""

@@ -1,0 +1,143 @@
+"""DPSOM's model spec: what the engine needs to know about DPSOM, and nothing the engine knows.
+
+Sides: ``reference_tf.dpsom`` (tf.compat.v1 graph + TFP) and ``ports.dpsom`` through
+harness/adapters/dpsom.py. Batch: ``x`` [B, 28, 28, 1] (the original's preprocessing), ``eps``
+[B, D] and a target distribution ``p`` [B, K] (DEC's formula on Dirichlet soft assignments), all
+from the run's PCG64 stream after the initial weights. Three phases share one Adam (specs/dpsom.md
+§6); every loss is a batch mean.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from harness.protocols import Batch, PortSide, ReferenceSide
+from harness.spec import ModelSpec, Phase, Probe, T4Step
+
+FAR_SOM = 300.0  # embeddings scale of the far-SOM probe (z_dist ~ 1e2-1e4 at initialisation)
+SOM_INIT_LRS = (0.9, 0.3, 0.1, 0.01)
+
+
+def target_distribution(q: np.ndarray) -> np.ndarray:
+    """DEC's p = (q² / Σ_i q) normalised per row, in float64 (harness-side; each side's own p is
+    tested in its own suite)."""
+    w = np.asarray(q, np.float64) ** 2 / np.asarray(q, np.float64).sum(0)
+    return (w / w.sum(1, keepdims=True)).astype(np.float32)
+
+
+class DPSOMSpec(ModelSpec):
+    name = "dpsom"
+    variants = ("dense", "conv", "tiny-dense", "tiny-conv", "dense-fmnist", "conv-fmnist")
+    default_variants = ("dense", "conv")
+    phases = (Phase("vae", "loss.elbo", 1e-3), Phase("som_init", "loss.som_init", 0.9), Phase("joint", "loss.total", 1e-3))
+    reductions = {k: "mean" for k in ("loss.elbo.nll", "loss.elbo.kl", "loss.elbo", "loss.kl_pq", "loss.som", "loss.total",
+                                      "loss.som_init.commit", "loss.som_init.som", "loss.som_init")}
+    has_batchnorm = True
+    probes = (Probe("SOM far from z", lambda w: {**w, "som.embeddings": w["som.embeddings"] * np.float32(FAR_SOM)},
+                    "at initialisation every z_dist is small and q's Keras epsilon (1e-7) is invisible next to t ~ 1; "
+                    "trained models live where t ~ 1e-6 and the epsilon matters"),)
+
+    def get_config(self, variant: str, overrides: Mapping[str, str] | None = None) -> Any:
+        from ports.dpsom.config import get_config
+
+        return get_config(variant, **dict(overrides or {}))
+
+    def replace_config(self, cfg: Any, overrides: Mapping[str, str]) -> Any:
+        from ports.dpsom.config import replace
+
+        return replace(cfg, **dict(overrides))
+
+    def config_dict(self, cfg: Any) -> dict[str, Any]:
+        return cfg.to_dict()
+
+    def variant_of(self, cfg: Any) -> str:
+        return "conv" if cfg.convolution else "dense"
+
+    def make_reference(self, cfg: Any, dtype: str = "float32") -> ReferenceSide:
+        from harness.adapters.dpsom import TFReferenceDPSOM
+
+        return TFReferenceDPSOM(cfg, dtype)
+
+    def make_port(self, cfg: Any, dtype: str = "float32", device: str = "cpu") -> PortSide:
+        from harness.adapters.dpsom import TorchDPSOM
+
+        return TorchDPSOM(cfg, dtype, device)
+
+    def load_data(self, cfg: Any, dataset: str | None, n: int) -> tuple[np.ndarray, str]:
+        """The first ``n`` training images as the original preprocesses them (MNIST if found offline,
+        else the embedded 'digits')."""
+        from harness.data import DataNotFoundError, dpsom_splits, load_raw
+
+        for name in [dataset] if dataset else ["MNIST", "digits"]:
+            try:
+                raw = load_raw(name, download=False)
+            except DataNotFoundError:
+                if dataset:
+                    raise
+                continue
+            return dpsom_splits(raw, validation=False).x_train[:n], raw.name
+        raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
+
+    def draw_inputs(self, cfg: Any, rng: np.random.Generator, x: np.ndarray) -> Batch:
+        B = len(x)
+        eps = rng.standard_normal((B, cfg.latent_dim)).astype(np.float32)
+        p = target_distribution(rng.dirichlet(np.ones(cfg.n_nodes), size=B))
+        return {"x": x, "eps": eps, "p": p}
+
+    def executed(self, side: ReferenceSide, batch: Batch) -> dict[str, Any]:
+        L = np.asarray(side.forward(batch)["posterior.scale_tril"])
+        return {"posterior": "full covariance (lower-triangular scale)" if np.any(np.tril(L, -1)) else "diagonal"}
+
+    def constants(self, cfg: Any) -> dict[str, float]:
+        return {"leaky_relu_slope": float(np.float32(cfg.leaky_relu_slope)), "n_pixels": float(np.prod(cfg.image_shape)),
+                "latent_dim": float(cfg.latent_dim), "n_nodes": float(cfg.n_nodes), "batch_size": float(cfg.batch_size),
+                "adam.beta1": float(np.float32(0.9)), "adam.beta2": float(np.float32(0.999))}
+
+    def is_activation(self, name: str) -> bool:
+        leaf = name.rsplit(".", 1)[-1]
+        return leaf.rstrip("0123456789") in ("fc", "conv", "deconv")
+
+    def read_original_checkpoint(self, path: str, cfg: Any) -> dict[str, np.ndarray]:
+        from harness.transplant import read_original_checkpoint
+
+        return read_original_checkpoint(path, "dpsom", self.variant_of(cfg))
+
+    def table_path(self, cfg: Any) -> Path:
+        return Path(__file__).resolve().parents[1] / "tables" / f"dpsom_{self.variant_of(cfg)}.csv"
+
+    # --- T4 --------------------------------------------------------------------------------------
+    def t4_plan(self, cfg: Any, steps: int, epoch_steps: int) -> list[T4Step]:
+        """``steps`` steps in the original's shape: ~30 % VAE, ~10 % per SOM-init LR stage, the rest
+        joint (at least one step each); p recomputed at the start of every joint epoch."""
+        n_vae = max(1, round(0.3 * steps))
+        n_som = [max(1, round(0.1 * steps)) for _ in SOM_INIT_LRS]
+        n_joint = max(1, steps - n_vae - sum(n_som))
+        segments = [("vae", cfg.learning_rate_pretrain, n_vae)] + [("som_init", lr, n) for lr, n in zip(SOM_INIT_LRS, n_som)]
+        segments.append(("joint", cfg.learning_rate, n_joint))
+        out, i = [], 0
+        for phase, lr, n in segments:
+            for k in range(n):
+                out.append(T4Step(i, phase, lr, i % epoch_steps, phase == "joint" and (k == 0 or i % epoch_steps == 0)))
+                i += 1
+        return out
+
+    def t4_batches(self, cfg: Any, st: T4Step, rng: np.random.Generator, x_train: np.ndarray,
+                   sides: Mapping[str, ReferenceSide], state: dict[str, Any]) -> dict[str, Batch]:
+        """One ε per step; at the start of a joint epoch one ε per training example for the soft
+        assignments q, and each side's p from its OWN q (as real training does). Outside the joint
+        phase p is uniform (it only enters the reported kl_pq / total there)."""
+        B, D = cfg.batch_size, cfg.latent_dim
+        eps = rng.standard_normal((B, D)).astype(np.float32)
+        if st.epoch_start:
+            eps_q = rng.standard_normal((len(x_train), D)).astype(np.float32)
+            state["p"] = {k: target_distribution(np.concatenate([s.forward({"x": x_train[i:i + B], "eps": eps_q[i:i + B]})["som.q"]
+                                                                 for i in range(0, len(x_train), B)])) for k, s in sides.items()}
+        rows = slice(st.batch * B, (st.batch + 1) * B)
+        uniform = np.full((B, cfg.n_nodes), 1.0 / cfg.n_nodes, np.float32)
+        return {k: {"x": x_train[rows], "eps": eps, "p": state["p"][k][rows] if st.phase == "joint" else uniform} for k in sides}
+
+
+SPEC = DPSOMSpec()

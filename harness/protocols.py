@@ -1,0 +1,114 @@
+"""The two sides the engine drives, as typed protocols: every method the engine calls, nothing else.
+
+A *batch* is a mapping of named arrays whose first axis is the sample axis (DPSOM: ``x`` [B, 28,
+28, 1], ``eps`` [B, D], ``p`` [B, K]); the engine splits it in two for the reference's noise floor
+and never looks inside. All weights, gradients, optimizer state and forward tensors are keyed by
+canonical name in the canonical (TF) layout (DESIGN.md). Phases are the spec's phase names.
+
+``ReferenceSide`` is what the reference implements (and what the original code, wrapped, would);
+``PortSide`` adds what the engine needs to isolate a port's layers and its optimizer. A port that
+cannot support a method raises :class:`Unsupported`; the engine then reports the section as
+skipped with that reason instead of failing the run. ``docs/interface.md``'s method table is
+generated from these classes (``python -m harness.protocols``) and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping, Protocol, runtime_checkable
+
+import numpy as np
+
+Batch = Mapping[str, np.ndarray]
+Arrays = dict[str, np.ndarray]
+
+
+class Unsupported(NotImplementedError):
+    """A side does not provide this capability (e.g. a user's port without isolated layers)."""
+
+
+@runtime_checkable
+class ReferenceSide(Protocol):
+    """What the engine calls on the reference (T0–T4, BatchNorm detector, dumps)."""
+
+    name: str
+    config: Any
+
+    def get_weights(self) -> Arrays:
+        """Every weight of the mapping table, canonical names and layout (BN statistics included)."""
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Strict: every missing / unexpected / mis-shaped name listed, nothing written."""
+
+    def forward(self, batch: Batch) -> Arrays:
+        """Every named intermediate of one forward pass, canonical layout, in execution order."""
+
+    def losses(self, batch: Batch) -> dict[str, float]:
+        """Every loss term (canonical names) on the batch."""
+
+    def gradients(self, loss: str, batch: Batch) -> Arrays:
+        """d loss / d weight for the weights that receive a gradient (the others absent)."""
+
+    def step(self, phase: str, batch: Batch, lr_feed: float, return_gradients: bool = False) -> dict[str, Any]:
+        """One optimizer step of ``phase``: the phase's loss terms before the update, ``lr`` (effective),
+        ``global_step`` after it; with ``return_gradients`` also ``gradients``, the ones applied."""
+
+    def optimizer_state(self, phase: str | None = None) -> dict[str, Any]:
+        """Optimizer state in canonical names (``<weight>/adam_m``, ``optim.global_step`` ...) of the
+        optimizer ``phase`` uses (a side with one shared optimizer ignores ``phase``)."""
+
+    def set_optimizer_state(self, state: Mapping[str, Any], phase: str | None = None) -> None:
+        """Strict like :meth:`set_weights`."""
+
+    def optimizer_constants(self, phase: str | None = None) -> dict[str, Any]:
+        """The optimizer's constants as the side's optimizer object holds them (T0)."""
+
+    def learning_rate_at(self, phase: str, lr_feed: float, global_step: int) -> float:
+        """The effective learning rate a step of ``phase`` fed ``lr_feed`` uses at ``global_step``."""
+
+    def trace(self, batch: Batch, step: tuple[str, float] | None = None) -> Arrays:
+        """Forward tensors plus ``<bn>.input`` for every BatchNorm, from ONE run (training mode);
+        with ``step=(phase, lr_feed)`` that run is the forward inside the optimizer step, which is taken."""
+
+    def save_checkpoint(self, path: str) -> str:
+        """Write a checkpoint in the original code's format and names; returns what to read it back from."""
+
+
+@runtime_checkable
+class PortSide(ReferenceSide, Protocol):
+    """A port: the reference's methods plus the two the engine uses to isolate layers and the optimizer."""
+
+    dtype: str
+    absent: frozenset[str]  # canonical names the port has no counterpart for (partial mapping)
+
+    def forward_isolated(self, batch: Batch, teacher: Mapping[str, np.ndarray]) -> Arrays:
+        """Every named tensor, each layer fed the ``teacher``'s (the reference's) input to it."""
+
+    def apply_gradients(self, phase: str, gradients: Mapping[str, np.ndarray], lr_feed: float) -> dict[str, Any]:
+        """One optimizer update of ``phase`` from given canonical gradients; returns ``lr``, ``global_step``."""
+
+
+def methods(protocol: type) -> dict[str, str]:
+    """``{method: one-line signature + first docstring line}`` of a protocol, its own and inherited."""
+    out = {}
+    for klass in reversed(protocol.__mro__):
+        if klass in (object, Protocol, Any) or not getattr(klass, "_is_protocol", False):
+            continue
+        for name, fn in vars(klass).items():
+            if callable(fn) and not name.startswith("_"):
+                doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
+                out[name] = f"`{name}{inspect.signature(fn)}`".replace("self, ", "").replace("(self)", "()") + f" | {doc}"
+    return out
+
+
+def table() -> str:
+    """The Markdown method table of docs/interface.md."""
+    rows = ["| side | method | what |", "|---|---|---|"]
+    ref = methods(ReferenceSide)
+    rows += [f"| both | {v} |" for v in ref.values()]
+    rows += [f"| port | {v} |" for k, v in methods(PortSide).items() if k not in ref]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(table())

@@ -1,0 +1,154 @@
+"""The model spec: everything the engine knows about a model, in one object, and the registry.
+
+A model is added by one new module ``harness/models/<name>.py`` defining ``SPEC`` (an instance of a
+:class:`ModelSpec` subclass); the registry finds it by listing that package, so no engine file
+changes. The spec builds both sides, draws the injected inputs, names the phases with their loss
+and learning rate, each loss's batch reduction, the regime probes, the initialiser rule per
+weight, the original-checkpoint reader and the model-specific part of the config as executed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from harness.protocols import Batch, PortSide, ReferenceSide
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    loss: str  # the loss this phase's optimizer step minimises
+    lr_feed: float  # the learning rate fed in the quick tier's one step
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A regime the default inputs never reach: T2 forward again with the weights transformed."""
+
+    name: str
+    weights: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    why: str
+
+
+@dataclass(frozen=True)
+class T4Step:
+    index: int
+    phase: str
+    lr_feed: float
+    batch: int  # batch index within the epoch
+    epoch_start: bool
+
+
+class ModelSpec:
+    """Base of every model spec; subclasses fill in the class attributes and methods."""
+
+    name: str = ""
+    variants: tuple[str, ...] = ()
+    default_variants: tuple[str, ...] = ()  # what `nox -s parity` runs with no --variant
+    phases: tuple[Phase, ...] = ()
+    reductions: Mapping[str, str] = {}  # loss name -> "mean" | "sum" over the batch
+    has_batchnorm: bool = False
+    activation_slope_names: tuple[str, ...] = ()  # config fields holding activation slopes (diagnoses)
+
+    # --- config ---------------------------------------------------------------------------
+    def get_config(self, variant: str, overrides: Mapping[str, str] | None = None) -> Any:
+        """The variant's frozen config with ``key=value`` overrides (strings, coerced) applied."""
+        raise NotImplementedError
+
+    def replace_config(self, cfg: Any, overrides: Mapping[str, str]) -> Any:
+        """``cfg`` with ``key=value`` overrides (strings, coerced) applied; unknown keys are an error."""
+        raise NotImplementedError
+
+    def config_dict(self, cfg: Any) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def variant_of(self, cfg: Any) -> str:
+        """The mapping-table variant ("dense" / "conv") a config builds."""
+        raise NotImplementedError
+
+    # --- sides ----------------------------------------------------------------------------
+    def make_reference(self, cfg: Any, dtype: str = "float32") -> ReferenceSide:
+        raise NotImplementedError
+
+    def make_port(self, cfg: Any, dtype: str = "float32", device: str = "cpu") -> PortSide:
+        raise NotImplementedError
+
+    # --- injected inputs ------------------------------------------------------------------
+    def load_data(self, cfg: Any, dataset: str | None, n: int) -> tuple[np.ndarray, str]:
+        """``n`` training inputs as the original preprocesses them, and the data set's name."""
+        raise NotImplementedError
+
+    def draw_weights(self, shapes: Mapping[str, tuple[int, ...]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Initial weights from the harness's stream, the original's initialiser per weight (default:
+        Keras' by role, harness/init.py; a model with other rules overrides this)."""
+        from harness.init import draw_weights
+
+        return draw_weights(shapes, rng)
+
+    def draw_inputs(self, cfg: Any, rng: np.random.Generator, x: np.ndarray) -> Batch:
+        """The named batch of the quick tier: ``x`` plus every random quantity, from ``rng``."""
+        raise NotImplementedError
+
+    # --- what each side executes ------------------------------------------------------------
+    def executed(self, side: ReferenceSide, batch: Batch) -> dict[str, Any]:
+        """Model-specific T0 entries (e.g. the posterior's form), measured from the side's output."""
+        return {}
+
+    def constants(self, cfg: Any) -> dict[str, float]:
+        """Named constants of the config that a difference may equal (diagnoses): n_pixels, slopes ..."""
+        return {}
+
+    def is_activation(self, name: str) -> bool:
+        """Whether forward tensor ``name`` is an activation output (kink-flip explanation)."""
+        return False
+
+    # --- checkpoints and tables ---------------------------------------------------------------
+    def read_original_checkpoint(self, path: str, cfg: Any) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def table_path(self, cfg: Any) -> Path:
+        raise NotImplementedError
+
+    def deviations_path(self) -> Path:
+        return Path(__file__).resolve().parent / "deviations" / f"{self.name}.csv"
+
+    # --- regimes and T4 -----------------------------------------------------------------------
+    probes: tuple[Probe, ...] = ()
+
+    def t4_plan(self, cfg: Any, steps: int, epoch_steps: int) -> list[T4Step]:
+        raise NotImplementedError
+
+    def t4_batches(self, cfg: Any, st: T4Step, rng: np.random.Generator, x_train: np.ndarray,
+                   sides: Mapping[str, ReferenceSide], state: dict[str, Any]) -> dict[str, Batch]:
+        """Per side label, the batch of T4 step ``st`` (each side's own model-dependent quantities,
+        e.g. DPSOM's target distribution from that side's q); ``state`` persists across steps."""
+        raise NotImplementedError
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+
+def models() -> dict[str, ModelSpec]:
+    """Every model spec under ``harness/models/`` (one module each, defining ``SPEC``)."""
+    import harness.models as package
+
+    out = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"harness.models.{info.name}")
+        spec = getattr(module, "SPEC", None)
+        if isinstance(spec, ModelSpec):
+            out[spec.name] = spec
+    return out
+
+
+def get_spec(name: str) -> ModelSpec:
+    known = models()
+    if name not in known:
+        raise KeyError(f"unknown model {name!r}; known: {sorted(known)}")
+    return known[name]
