@@ -50,7 +50,7 @@ def test_step(benchmark, kind, variant, phase):
             sync = torch.cuda.synchronize
 
     def one_step():
-        side.step(phase, x, LR[phase], eps, p if phase == "joint" else None)
+        side.step(phase, {"x": x, "eps": eps, "p": p}, LR[phase])
         if sync is not None:
             sync()
 

@@ -165,7 +165,8 @@ def detect(sides: Mapping[str, Any] | Sequence[Any], batch: Mapping[str, np.ndar
     for label, side in named.items():
         saved, opt = side.get_weights(), side.optimizer_state()
         try:
-            rows += _measure(label, side, batch, base, phase, lr_feed)
+            # a weight the shared set lacks (a partially mapped port's) keeps this side's own value
+            rows += _measure(label, side, batch, {**saved, **base}, phase, lr_feed)
         finally:
             side.set_weights(saved)
             side.set_optimizer_state(opt)

@@ -73,6 +73,14 @@ def load_registry(path: str | Path) -> dict[str, dict[str, str]]:
     return {r["key"]: r for r in rows}
 
 
+def flat(values: dict[str, Any]) -> dict[str, Any]:
+    """One side's :func:`executed` with its per-phase entries collapsed (for a record of that side alone)."""
+    phases = [k for k, v in values.items() if isinstance(v, dict)]
+    if not phases:
+        return dict(values)
+    return {**per_phase({k: values[k] for k in phases})[0], **{k: v for k, v in values.items() if k not in phases}}
+
+
 def diff(reference: dict[str, Any], port: dict[str, Any], registry: dict[str, dict[str, str]]) -> list[Comparison]:
     """One Comparison per key: PASS (same), DECLARED (in the registry with these values), FAIL.
     Per-phase entries are collapsed first (:func:`per_phase`)."""

@@ -97,7 +97,8 @@ def methods(protocol: type) -> dict[str, str]:
         for name, fn in vars(klass).items():
             if callable(fn) and not name.startswith("_"):
                 doc = (inspect.getdoc(fn) or "").split("\n\n")[0].replace("\n", " ")
-                out[name] = f"`{name}{inspect.signature(fn)}`".replace("self, ", "").replace("(self)", "()") + f" | {doc}"
+                sig = str(inspect.signature(fn)).replace("'", "").replace("self, ", "").replace("(self)", "()").replace("|", "\\|")
+                out[name] = f"`{name}{sig}` | {doc}"
     return out
 
 

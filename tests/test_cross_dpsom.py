@@ -2,7 +2,7 @@
 
 Forward tensors, every loss term, and one optimizer step of each phase (parameters, records and
 optimizer state), dense and conv, tiny and full size. The tolerance of every tensor is
-``harness.parity.MULTIPLE`` x its measured noise floor (port float32 vs float64; reference on the
+``harness.engine.MULTIPLE`` x its measured noise floor (port float32 vs float64; reference on the
 whole batch vs its two halves). Every tensor must PASS; the one exception is a gradient that the
 harness explains by activation-kink flips found in T2 (reported INACCURATE with the flips named).
 """

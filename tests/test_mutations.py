@@ -19,7 +19,8 @@ pytest.importorskip("tensorflow", reason="TensorFlow not installed: mutation tes
 pytestmark = pytest.mark.tf
 
 from harness.adapters.dpsom import TorchDPSOM  # noqa: E402
-from harness.parity import QuickTier  # noqa: E402
+from harness.models.dpsom import SPEC  # noqa: E402
+from harness.tiers import QuickTier  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,11 @@ def _optimizer_reset_per_phase(mp: pytest.MonkeyPatch) -> None:
 
 
 def _kernel_reshaped_not_transposed(mp: pytest.MonkeyPatch) -> None:
-    import harness.transplant as transplant
+    import harness.adapters.torch as adapter
 
-    to_torch, to_canonical = transplant.canonical_to_torch, transplant.torch_to_canonical
-    mp.setattr(transplant, "canonical_to_torch", lambda a, t: a.reshape(a.shape[::-1]) if t == "transpose" else to_torch(a, t))
-    mp.setattr(transplant, "torch_to_canonical", lambda a, t: a.reshape(a.shape[::-1]) if t == "transpose" else to_canonical(a, t))
-    import ports.dpsom.model as model
-
-    mp.setattr(model, "canonical_to_torch", transplant.canonical_to_torch)
-    mp.setattr(model, "torch_to_canonical", transplant.torch_to_canonical)
+    to_torch, to_canonical = adapter.canonical_to_torch, adapter.torch_to_canonical
+    mp.setattr(adapter, "canonical_to_torch", lambda a, t: a.reshape(a.shape[::-1]) if t == "transpose" else to_torch(a, t))
+    mp.setattr(adapter, "torch_to_canonical", lambda a, t: a.reshape(a.shape[::-1]) if t == "transpose" else to_canonical(a, t))
 
 
 def _nchw_flatten(mp: pytest.MonkeyPatch) -> None:
@@ -101,18 +98,18 @@ def _row_major_fill_triangular(mp: pytest.MonkeyPatch) -> None:
 
 
 def _bn_buffers_not_transplanted(mp: pytest.MonkeyPatch) -> None:
-    from ports.dpsom.model import DPSOM, FrozenBatchNorm
+    from ports.dpsom.model import FrozenBatchNorm
 
-    set_weights = DPSOM.set_weights
+    set_weights = TorchDPSOM.set_weights
 
     def parameters_only(self, weights):  # the usual load of parameters, buffers left at their init
         set_weights(self, weights)
-        for m in self.modules():
+        for m in self.module.modules():
             if isinstance(m, FrozenBatchNorm):
                 m.moving_mean.zero_()
                 m.moving_variance.fill_(1.0)
 
-    mp.setattr(DPSOM, "set_weights", parameters_only)
+    mp.setattr(TorchDPSOM, "set_weights", parameters_only)
 
 
 def _bce_mean_over_pixels(mp: pytest.MonkeyPatch) -> None:
@@ -147,7 +144,7 @@ def tiers():
 
     def get(variant: str) -> QuickTier:
         if variant not in cache:
-            cache[variant] = QuickTier(variant, seed=0, dataset="digits", registry={})  # the port declares no deviation
+            cache[variant] = QuickTier(SPEC, variant, seed=0, dataset="digits", registry={})  # the port declares no deviation
         return cache[variant]
 
     return get

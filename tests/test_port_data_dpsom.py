@@ -282,7 +282,6 @@ def test_port_data_module_alone_loads_no_harness():
     assert out.stdout.strip() == "[]"
 
 
-@pytest.mark.xfail(strict=False, reason="canonical weights still in the port, being moved")
 def test_no_module_under_ports_imports_harness():
     files = sorted((REPO / "ports").rglob("*.py"))
     assert files

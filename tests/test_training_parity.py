@@ -6,11 +6,12 @@ import dataclasses
 
 import pytest
 
-from harness.training_parity import SOM_INIT_LRS, plan
+from harness.models.dpsom import SOM_INIT_LRS, SPEC
+from ports.dpsom.config import get_config
 
 
 def test_plan_walks_the_original_schedule_shape():
-    steps = plan(50, epoch_steps=10)
+    steps = SPEC.t4_plan(get_config("dense"), 50, epoch_steps=10)
     assert len(steps) == 50
     phases = [s.phase for s in steps]
     # VAE first, then SOM init, then joint; each phase one contiguous block
@@ -28,7 +29,7 @@ def test_faithful_port_stays_in_band_and_a_mutant_leaves_it():
     from harness.adapters.dpsom import TorchDPSOM
     from harness.training_parity import run
 
-    good = run("tiny-dense", steps=30, dataset="digits", epoch_steps=5, progress=False)
+    good = run(SPEC, "tiny-dense", steps=30, dataset="digits", epoch_steps=5, progress=False)
     assert good["first_exit"] is None, good["first_exit"]
     assert {r["global_step"] for r in good["records"]["torch"][-1:]} == {30}
     # float32 noise grows but stays tiny over 30 steps (measured ~2e-6 relative)
@@ -39,7 +40,7 @@ def test_faithful_port_stays_in_band_and_a_mutant_leaves_it():
     assert len(good["synced"]["steps"]) == 30
     assert all(0.0 <= v < 1.0 for st in good["synced"]["steps"] for v in st["worst_ratio"].values())
 
-    bad = run("tiny-dense", steps=30, dataset="digits", epoch_steps=5, progress=False,
+    bad = run(SPEC, "tiny-dense", steps=30, dataset="digits", epoch_steps=5, progress=False,
               make_port=lambda cfg, dtype: TorchDPSOM(dataclasses.replace(cfg, leaky_relu_slope=0.01), dtype))
     assert bad["first_exit"] is not None and bad["first_exit"]["step"] == 0
     assert bad["first_exit"]["quantity"] == "losses"
@@ -53,9 +54,10 @@ def test_synced_steps_flag_a_regime_bug_before_the_free_run_does():
     from harness.adapters.dpsom import TorchDPSOM
     from harness.training_parity import run
 
-    bad = run("tiny-dense", steps=30, dataset="digits", epoch_steps=5, progress=False,
+    bad = run(SPEC, "tiny-dense", steps=30, dataset="digits", epoch_steps=5, progress=False,
               make_port=lambda cfg, dtype: TorchDPSOM(dataclasses.replace(cfg, q_epsilon=1e-10), dtype))
     first = bad["synced"]["first_divergence"]
     assert (first["section"], first["name"]) == ("losses", "loss.kl_pq"), first
     assert bad["first_exit"] is None or first["step"] < bad["first_exit"]["step"]
     assert bad["verdict"] != "PASS"
+    assert bad["environment"]["git_commit"] and bad["config"]["q_epsilon"] == 1e-7  # the reference's config, recorded

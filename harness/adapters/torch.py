@@ -56,7 +56,8 @@ class TorchPortAdapter:
         for r in self.table:
             by_name.setdefault(r.canonical, []).append(r)
         self._rows = by_name
-        self.absent = frozenset(k for k, rows in by_name.items() if any(r.partial or not r.torch_key for r in rows))
+        partial = {k for k, rows in by_name.items() if any(r.partial or not r.torch_key for r in rows)}
+        self.absent = frozenset(partial | {f"{k}/{slot}" for k in partial for slot in ("adam_m", "adam_v")})  # and their Adam slots
         self._noise_seed, self._calls = noise_seed, {}
         for mod_name, m in self.module.named_modules():
             if isinstance(m, torch.nn.Dropout):
@@ -85,11 +86,8 @@ class TorchPortAdapter:
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Strict over the mapped names; partially mapped names get the part that maps."""
-        expected = {**self.canonical_shapes(), **{k: np.shape(weights.get(k, ())) for k in self.absent}}
-        check_weights({k: v for k, v in weights.items() if k in self._rows}, expected, where=f"{self.name}.set_weights")
-        unexpected = sorted(set(weights) - set(self._rows))
-        if unexpected:
-            raise TransplantError(f"{self.name}.set_weights: nothing loaded; unexpected: {unexpected}")
+        given = {k: v for k, v in weights.items() if k not in self.absent}  # partially mapped: optional, checked below
+        check_weights(given, self.canonical_shapes(), where=f"{self.name}.set_weights")
         values = []
         for name, rows in self._rows.items():
             for r in rows:
@@ -147,7 +145,9 @@ class TorchPortAdapter:
     global_step = 0
 
     def _read_optimizer(self, phase: str | None) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-        """(scalars, {torch_key: {slot: array}}) of torch ``Adam``: β powers from its step count."""
+        """(scalars, {torch_key: {slot: array}}) of torch ``Adam``. β powers in TF1's convention (the
+        power the *next* step uses: β after 0 steps, β^(t+1) after t); a parameter without state yet
+        (never had a gradient) has zero moments, which is what torch's Adam starts it from."""
         opt = self.optimizer_for(phase)
         if opt is None:
             return {"optim.global_step": np.int64(self.global_step)}, {}
@@ -160,8 +160,11 @@ class TorchPortAdapter:
                 if "exp_avg" in st:
                     slots[names[id(p)]] = {"adam_m": self.numpy(st["exp_avg"]), "adam_v": self.numpy(st["exp_avg_sq"])}
                     step = int(st["step"])
-        return ({"optim.global_step": np.int64(self.global_step), "optim.beta1_power": np.float32(b1) ** step,
-                 "optim.beta2_power": np.float32(b2) ** step}, slots)
+                else:
+                    zero = np.zeros(tuple(p.shape), self.numpy(p).dtype)
+                    slots[names[id(p)]] = {"adam_m": zero, "adam_v": zero.copy()}
+        return ({"optim.global_step": np.int64(self.global_step), "optim.beta1_power": np.float32(b1) ** (step + 1),
+                 "optim.beta2_power": np.float32(b2) ** (step + 1)}, slots)
 
     def _write_optimizer(self, phase: str | None, scalars: Mapping[str, Any], slots: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         raise Unsupported(f"{type(self).__name__} cannot set its optimizer state")
@@ -175,18 +178,18 @@ class TorchPortAdapter:
         return out
 
     def set_optimizer_state(self, state: Mapping[str, Any], phase: str | None = None) -> None:
-        by_name = {r.canonical: r for r in self._full_rows()}
         scalars, slots, unknown = {}, {}, []
         for name, value in state.items():
             if name.startswith("optim."):
                 scalars[name] = value
                 continue
             canonical, _, slot = name.rpartition("/")
-            if canonical not in by_name:
+            if canonical not in self._rows:
                 unknown.append(name)
                 continue
-            r = by_name[canonical]
-            slots.setdefault(r.torch_key, {})[slot] = canonical_to_torch(np.asarray(value), r.torch_transform)
+            for r in self._rows[canonical]:  # a partially mapped weight gets the part of its slot that maps
+                if r.torch_key:
+                    slots.setdefault(r.torch_key, {})[slot] = canonical_to_torch(np.asarray(value), r.torch_transform)
         if unknown:
             raise TransplantError(f"{self.name}.set_optimizer_state: nothing loaded; unexpected: {sorted(unknown)}")
         self._write_optimizer(phase, scalars, slots)
