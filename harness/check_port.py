@@ -1,6 +1,6 @@
 """Seconds-long pre-flight of a port adapter, before the long tiers; no TensorFlow needed.
 
-    python -m harness.check_port pkg.module:factory [--model dpsom] [--variant tiny-dense] [--data digits]
+    python -m harness.check_port pkg.module:factory [--model dpsom] [--variant tiny-dense] [--data digits] [--seed 0]
 
 ``factory(config, dtype) -> PortSide`` is what ``nox -s parity -- --port-adapter`` takes. The port
 is built in float32 and float64 and checked against what the tiers will ask of it: the
@@ -45,7 +45,7 @@ def _float(d: dict) -> dict:
     return {k: np.asarray(v) for k, v in d.items() if np.asarray(v).dtype.kind == "f"}
 
 
-def run(factory: Callable[[Any, str], Any], model: str = "dpsom", variant: str = "tiny-dense", data: str | None = None,
+def run(factory: Callable[[Any, str], Any], model: str = "dpsom", variant: str = "tiny-dense", data: str | None = "digits",
         seed: int = 0, out: Callable[[str], None] = print) -> list[Check]:
     """Every check on ``factory``'s port, each printed through ``out`` as it is made."""
     from harness.protocols import PortSide, methods
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("factory", metavar="PKG.MODULE:FACTORY", help="factory(config, dtype) -> PortSide")
     parser.add_argument("--model", default="dpsom")
     parser.add_argument("--variant", default="tiny-dense")
-    parser.add_argument("--data", default=None, help="dataset of the forward batch (default: MNIST if found offline, else 'digits')")
+    parser.add_argument("--data", default="digits", help="dataset of the forward batch (default: the embedded 'digits')")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.perf_counter()

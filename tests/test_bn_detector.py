@@ -114,8 +114,9 @@ def test_torch_only_faithful_vs_public_port_ordering():
         assert all(np.array_equal(saved[k], now[k]) for k in saved)
     assert deviating.optimizer_state()["optim.global_step"] == before[2]
     # forward keys unchanged, in execution order: BN output before the activation output
-    keys = list(deviating.forward(*_inputs(batch=3)))
-    assert sorted(keys) == sorted(faithful.forward(*_inputs(batch=3))) and keys[:2] == ["encoder.bn1", "encoder.fc1"]
+    x, eps = _inputs(batch=3)
+    keys = list(deviating.forward({"x": x, "eps": eps}))
+    assert sorted(keys) == sorted(faithful.forward({"x": x, "eps": eps})) and keys[:2] == ["encoder.bn1", "encoder.fc1"]
 
 
 def test_torch_only_each_switch_shows_alone():

@@ -33,6 +33,8 @@ NAMES = {**{f"{p[:3]}.{odd}{i}": f"{p}.{kind}{i}" for p in ("encoder", "decoder"
 
 
 class OddPortAdapter(TorchPortAdapter):
+    table: Any = TABLE  # the mapping table (a CSV path or rows)
+
     def __init__(self, config: Any, dtype: str = "float32") -> None:
         if config.convolution:
             raise ValueError("the odd port is dense only")
@@ -45,7 +47,7 @@ class OddPortAdapter(TorchPortAdapter):
             model = OddDPSOM(odd)
         self._logvar0 = {k: v.detach().numpy().copy() for k, v in model.fc_logvar.state_dict().items()}
         self.trainer = OddTrainer(model=model)
-        super().__init__(model, TABLE, config, dtype)
+        super().__init__(model, self.table, config, dtype)
         self.name, self.absent, self._last = f"odd-{dtype}", self.absent | {"posterior.head"}, None
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:

@@ -1,0 +1,92 @@
+"""harness.check_port: the seconds-long pre-flight of a port adapter (no TensorFlow)."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from harness import check_port
+from harness.transplant import load_table
+from oddport.adapter import TABLE, OddPortAdapter, factory, faithful
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(**renamed):
+    """The odd port's table with canonical names or torch keys renamed ({old: new})."""
+    return tuple(dataclasses.replace(r, canonical=renamed.get(r.canonical, r.canonical), torch_key=renamed.get(r.torch_key, r.torch_key))
+                 for r in load_table(TABLE))
+
+
+class WrongCanonical(OddPortAdapter):
+    table = _rows(**{"encoder.fc1.kernel": "encoder.fc1.kernal"})
+
+
+class WrongTorchKey(OddPortAdapter):
+    table = _rows(**{"enc.0.weight": "enc.0.weigth"})
+
+
+def wrong_canonical(config, dtype):
+    return WrongCanonical(config, dtype)
+
+
+def wrong_torch_key(config, dtype):
+    return WrongTorchKey(config, dtype)
+
+
+def _run(fn):
+    lines: list[str] = []
+    checks = check_port.run(fn, "dpsom", "tiny-dense", out=lines.append)
+    return {c.name: c for c in checks}, lines
+
+
+def test_own_port_passes_every_check():
+    checks, lines = _run(faithful)
+    assert list(checks) == ["build", "protocol PortSide", "canonical keys", "shapes", "set/get_weights", "forward names",
+                            "float64 vs float32", "loss names", "determinism"]
+    assert all(c.ok for c in checks.values()), lines
+    assert checks["canonical keys"].note == "41 of 41 names of dpsom_dense.csv mapped"
+    assert checks["set/get_weights"].note == "41 weights set, 41 read back bit-exact"
+    assert checks["forward names"].note == "20 of 20 tensors on digits"
+    assert lines[0].startswith("PASS  build ")
+
+
+def test_odd_port_passes_structurally_and_names_what_is_absent():
+    checks, lines = _run(factory)
+    assert all(c.ok for c in checks.values()), lines
+    assert checks["canonical keys"].note == ("39 of 41 names of dpsom_dense.csv mapped; absent (partial mapping, reported STRUCTURAL): "
+                                             "posterior.head.bias, posterior.head.kernel")
+    assert checks["set/get_weights"].note == "41 weights set, 39 read back bit-exact"
+    assert checks["forward names"].note == "19 of 20 tensors on digits; absent: posterior.head"
+    rel = float(checks["float64 vs float32"].note.split(" relative")[0].rsplit(" ", 1)[1])
+    assert 0 < rel < check_port.FORWARD_RTOL
+
+
+def test_wrong_canonical_name_fails_naming_it():
+    checks, lines = _run(wrong_canonical)
+    assert checks["build"].ok and checks["protocol PortSide"].ok
+    keys = checks["canonical keys"]
+    assert not keys.ok
+    assert "missing: encoder.fc1.kernel" in keys.note and "extra (not in the table): encoder.fc1.kernal" in keys.note
+    assert not checks["set/get_weights"].ok and "encoder.fc1.kernal" in checks["set/get_weights"].note
+    assert "forward names" not in checks  # stops: the forward checks need the weights in place
+    assert any(line.startswith("FAIL  canonical keys ") for line in lines)
+
+
+def test_wrong_torch_key_fails_at_build_naming_it():
+    checks, _ = _run(wrong_torch_key)
+    assert list(checks) == ["build"]
+    assert not checks["build"].ok and "['enc.0.weigth']" in checks["build"].note
+
+
+def test_cli_exit_codes(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert check_port.main(["tests.oddport.adapter:factory"]) == 0
+    out = capsys.readouterr().out
+    assert "9/9 checks PASS" in out and "next: nox -s parity -- --port-adapter tests.oddport.adapter:factory" in out
+    assert check_port.main([f"{__name__}:wrong_canonical"]) == 1
+    assert "FAIL: canonical keys, set/get_weights" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="expected 'pkg.module:factory'"):
+        check_port.main(["no_colon"])
