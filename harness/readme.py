@@ -28,8 +28,10 @@ def _parity(results: Path) -> str:
         doc = docs[0]
         first = next((d["first_divergence"] for d in docs if d["first_divergence"]), None)
         verdicts = {d["verdict"] for d in docs}
-        verdict = next((v for v in ("FAIL", "INACCURATE", "DECLARED") if v in verdicts), "PASS")
+        verdict = next((v for v in ("FAIL", "STRUCTURAL", "INACCURATE", "DECLARED") if v in verdicts), "PASS")
         seconds = ", ".join(f"{d['tier']} {d['seconds']:.0f} s" for d in docs)
+        if doc.get("peak_rss_mb"):
+            seconds += f"; peak RSS {doc['peak_rss_mb'] / 1024:.1f} GiB"
         lines += [
             f"**{doc['model']} / {doc['variant']}** on {doc['data']} (seed {doc['seed']}, tolerance = "
             f"{doc['multiple']:g} × noise floor; {seconds}): verdict **{verdict}**"

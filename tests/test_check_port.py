@@ -90,3 +90,30 @@ def test_cli_exit_codes(monkeypatch, capsys):
     assert "FAIL: canonical keys, set/get_weights" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="expected 'pkg.module:factory'"):
         check_port.main(["no_colon"])
+
+
+def test_odd_adapter_takes_canonical_adam_state_incl_the_partial_slot():
+    """What T4 synced does: the reference's Adam state (canonical, TF1 β-power convention; here our
+    own port's after one vae step) written into the odd port's torch Adam and read back."""
+    import numpy as np
+
+    from harness.models.dpsom import SPEC
+
+    cfg = SPEC.get_config("tiny-dense")
+    own, odd = faithful(cfg, "float32"), factory(cfg, "float32")
+    weights = SPEC.draw_weights({k: v.shape for k, v in own.get_weights().items()}, np.random.default_rng(0))
+    own.set_weights(weights)
+    odd.set_weights(weights)
+    grads = {k: np.random.default_rng(1).standard_normal(v.shape).astype(np.float32) for k, v in weights.items() if ".moving_" not in k}
+    own.apply_gradients("vae", grads, 1e-3)
+    state = own.optimizer_state("vae")
+    assert state["optim.beta1_power"] == np.float32(np.float32(0.9) * np.float32(0.9))  # β1^2 after one step
+    odd.set_optimizer_state(state, "vae")
+    back = odd.optimizer_state("vae")
+    assert set(state) - set(back) == {f"posterior.head.{w}/adam_{s}" for w in ("kernel", "bias") for s in "mv"}
+    assert back["optim.global_step"] == 1 and back["optim.beta1_power"] == state["optim.beta1_power"]
+    assert all(np.array_equal(back[k], state[k]) for k in back if "/" in k)
+    adam = odd.optimizer_for("vae")
+    fc_mu = dict(odd.module.named_parameters())["fc_mu.weight"]
+    np.testing.assert_array_equal(adam.state[fc_mu]["exp_avg"].numpy(), state["posterior.head.kernel/adam_m"][:, :7].T)
+    assert float(adam.state[fc_mu]["step"]) == 1.0

@@ -19,8 +19,6 @@ from harness.protocols import Batch
 from harness.transplant import load_table
 from ports.dpsom.config import DPSOMConfig
 
-PHASE_LOSS = {"vae": "loss.elbo", "som_init": "loss.som_init", "joint": "loss.total"}
-
 
 def _table(config: DPSOMConfig):
     return load_table("dpsom", "conv" if config.convolution else "dense")

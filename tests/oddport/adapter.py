@@ -81,11 +81,12 @@ class OddPortAdapter(TorchPortAdapter):
         (its block output), the posterior its encoder output, z its mu and scale, the decoder its z."""
         m, T, out = self.module, (lambda k: self.t(teacher[k])), {}
         with self.noise_scope(), torch.no_grad():
-            for p, seq, h in (("enc", m.enc, self.t(batch["x"]).reshape(len(batch["x"]), -1)), ("dec", m.dec, T("z"))):
+            x = self.t(batch["x"]).reshape(len(batch["x"]), -1)
+            for part, p, seq, h in (("encoder", "enc", m.enc, x), ("decoder", "dec", m.dec, T("z"))):
                 for i in (1, 2, 3):
                     out[f"{p}.bn{i}"] = seq[3 * i - 2](seq[3 * i - 3](h))
                     out[f"{p}.act{i}"] = seq[3 * i - 1](out[f"{p}.bn{i}"])
-                    h = T(f"{p.replace('enc', 'encoder').replace('dec', 'decoder')}.bn{i}")
+                    h = T(f"{part}.bn{i}")  # what the reference's next Dense gets
                 if p == "enc":
                     out["mu"], out["logvar"] = m.fc_mu(h), m.fc_logvar(h)
                     sd = torch.diagonal(T("posterior.scale_tril"), dim1=-2, dim2=-1)  # the port's z = mu + sd * eps
