@@ -36,7 +36,8 @@ relative and a dropped beta or mean not at all. Weights and optimizer state are 
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd

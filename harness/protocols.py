@@ -15,7 +15,8 @@ generated from these classes (``python -m harness.protocols``) and a test keeps 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+from collections.abc import Mapping
 
 import numpy as np
 

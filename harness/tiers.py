@@ -17,17 +17,17 @@ get the same arrays, and the engine (harness/engine.py) judges, element by eleme
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
 from harness import engine
 from harness.compare import FLOAT32_EPS, Comparison, compare_exact
-from harness.engine import FLOAT64_EPS, MULTIPLE, floors, judge, max_floors, skipped, split, structural
+from harness.engine import FLOAT64_EPS, MULTIPLE, floors, judge, skipped, split, structural
 from harness.env import fingerprint
 from harness.protocols import Batch, PortSide, Unsupported
 from harness.spec import ModelSpec
@@ -180,7 +180,7 @@ class QuickTier:
             del grads
             sections[f"T3 step {ph.name}: lr, global_step"] = judge({k: rec[k] for k in port_rec}, port_rec, {}, self.multiple,
                                                                      constants=self.constants)
-            for what, get in (("weights", lambda s: s.get_weights()), ("optimizer", lambda s: s.optimizer_state(ph.name))):
+            for what, get in (("weights", lambda s: s.get_weights()), ("optimizer", lambda s, phase=ph.name: s.optimizer_state(phase))):
                 t32, t64 = get(port), get(port64)
                 floors_[f"T3 step {ph.name}: {what}"] = {"float64": floors(t32, t64)}
                 sections[f"T3 step {ph.name}: {what}"] = judge(get(ref), t32, floors_[f"T3 step {ph.name}: {what}"], self.multiple,
@@ -348,4 +348,3 @@ def worst_row(rows: list[Comparison]) -> Comparison:
     return max(rows, key=lambda r: engine.ratio(r) if r.verdict not in ("STRUCTURAL", "SKIPPED") and r.max_abs == r.max_abs else -1.0)
 
 
-__all__ = ["QuickTier", "draw", "split_by_tier", "values_fn", "dataclasses"]

@@ -10,7 +10,8 @@ from the run's PCG64 stream after the initial weights. Three phases share one Ad
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import numpy as np
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
+from collections.abc import Mapping
 
 # --- Framework constants of the original, with their conversion rules ------------------------
 KERAS_BN_EPSILON = 1e-3  # Keras BatchNormalization default; torch's default is 1e-5.
@@ -131,7 +132,7 @@ class DPSOMConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "DPSOMConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> DPSOMConfig:
         return replace(cls(), **values)
 
 

@@ -27,7 +27,7 @@ canonical (TF/NHWC) layout, in execution order; whatever the order, ``*.bnN`` is
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch

@@ -16,7 +16,7 @@ exactly like the TF variables and ops.
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -13,7 +13,8 @@ suite's own port through the same factory signature (tests of ``harness.check_po
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
