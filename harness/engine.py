@@ -14,7 +14,8 @@ not rounding noise and is capped; a difference beyond a capped band is a FAIL, n
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
 

@@ -53,7 +53,7 @@ def _norms(weights: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def _max_rel(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) / max(float(np.max(np.abs(a[k]))), 1e-30) for k in a)
+    return max(float(np.max(np.abs(np.asarray(a[k], np.float64) - b[k]))) / max(float(np.max(np.abs(a[k]))), 1e-30) for k in a if k in b)
 
 
 def run(spec: ModelSpec, variant: str, steps: int, seed: int = 0, dataset: str | None = None, multiple: float = MULTIPLE,
@@ -149,11 +149,12 @@ def _synced_step(st: T4Step, sync: dict, pre: tuple[dict, dict], ref_losses: tup
         out[k] = {"losses": losses, "lr, global_step": rec, "weights": s.get_weights(), "optimizer": s.optimizer_state(st.phase)}
     t32, t64 = out["torch"], out["torch64"]
     full, halves, ref64 = ref_losses
+    absent = frozenset(getattr(sync["torch"], "absent", ()))
     rows = {"losses": judge(full, t32["losses"], {"float64": floors(t32["losses"], t64["losses"]), "split_tf": floors(full, halves),
-                                                  "float64_tf": floors(full, ref64)}, multiple, constants=constants),
+                                                  "float64_tf": floors(full, ref64)}, multiple, absent=absent, constants=constants),
             "lr, global_step": judge({k: ref_rec[k] for k in t32["lr, global_step"]}, t32["lr, global_step"], {}, multiple, constants=constants)}
     for what, ref_values in (("weights", ref_weights), ("optimizer", ref_optimizer)):
-        rows[what] = judge(ref_values, t32[what], {"float64": floors(t32[what], t64[what])}, multiple, constants=constants)
+        rows[what] = judge(ref_values, t32[what], {"float64": floors(t32[what], t64[what])}, multiple, absent=absent, constants=constants)
     return rows
 
 

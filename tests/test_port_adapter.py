@@ -101,8 +101,6 @@ def test_t3_adam_per_phase(report):
         assert [r.verdict for r in report["_sections"][f"T3 step {ph}: lr, global_step"]] == ["PASS", "PASS"]
 
 
-@pytest.mark.xfail(strict=True, reason="harness/tiers.py hands the port its weights without the partially mapped names "
-                                       "(`if k not in absent`), so fc_mu never receives its slice of posterior.head")
 def test_partial_mapping_transplants_the_slice(report):
     for section in ("T2 forward", "T2 forward, isolated", "T2 forward (float64)"):
         assert rows(report, section)["posterior.mu"].verdict == "PASS", section

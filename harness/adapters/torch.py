@@ -24,7 +24,8 @@ from __future__ import annotations
 import contextlib
 import os
 import zlib
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 

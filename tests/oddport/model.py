@@ -102,7 +102,7 @@ class OddDPSOM(nn.Module):
         self.register_buffer("nbr5", neighbour_table(cfg.som_dim, with_self=True), persistent=False)
         self.train()
 
-    def train(self, mode: bool = True) -> "OddDPSOM":
+    def train(self, mode: bool = True) -> OddDPSOM:
         """Like nn.Module.train, but every BatchNorm1d stays in eval mode (frozen running stats 0 / 1)."""
         super().train(mode)
         for m in self.modules():

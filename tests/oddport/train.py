@@ -10,7 +10,7 @@ step (everything but ``som_embeddings`` in som_init) are left alone by torch's A
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
