@@ -160,7 +160,7 @@ class TorchPortAdapter:
                 st = opt.state.get(p, {})
                 if "exp_avg" in st:
                     slots[names[id(p)]] = {"adam_m": self.numpy(st["exp_avg"]), "adam_v": self.numpy(st["exp_avg_sq"])}
-                    step = int(st["step"])
+                    step = max(step, int(st["step"]))  # one shared step count in practice; never below any
                 else:
                     zero = np.zeros(tuple(p.shape), self.numpy(p).dtype)
                     slots[names[id(p)]] = {"adam_m": zero, "adam_v": zero.copy()}
