@@ -196,7 +196,7 @@ def kink_flips(reference: Mapping[str, np.ndarray], port: Mapping[str, np.ndarra
     return out
 
 
-def explain_by_kinks(rows: list[Comparison], kinks: Mapping[str, int], order: list[str]) -> list[Comparison]:
+def explain_by_kinks(rows: list[Comparison], kinks: Mapping[str, int], order: list[str], where: str = "in T2") -> list[Comparison]:
     """A gradient beyond its band when T2 found kink flips is reported INACCURATE with the flips named:
     each flip changes that element's gradient by (1 - slope) x its upstream gradient, which no
     rounding floor models. (Measured: DPSOM conv, PCG64 seed 0, one element of decoder.deconv1 at
@@ -205,9 +205,9 @@ def explain_by_kinks(rows: list[Comparison], kinks: Mapping[str, int], order: li
     in the backward pass; a gradient beyond its band elsewhere stays unexplained."""
     if not kinks:
         return rows
-    where = ", ".join(f"{k} ({n})" for k, n in kinks.items())
+    flips = ", ".join(f"{k} ({n})" for k, n in kinks.items())
     upstream = set(order[: max(order.index(k) for k in kinks) + 1])
-    return [dataclasses.replace(r, verdict="INACCURATE", note=f"{r.note} activation kink flips in T2: {where}".strip())
+    return [dataclasses.replace(r, verdict="INACCURATE", note=f"{r.note} activation kink flips {where}: {flips}".strip())
             if r.verdict in ("FAIL", "INACCURATE") and r.name.rsplit(".", 1)[0] in upstream else r for r in rows]
 
 
