@@ -42,6 +42,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from harness.memory import fresh, release, zeros_as_views
+
 PROPERTIES = ("stats", "updated", "eps", "momentum", "position", "dropout")  # what `differences` compares
 NUMERIC = ("eps", "momentum")
 NUMERIC_RTOL = 0.05  # measured sides agree to ~1e-4 (see tests); a real deviation is 100x (eps 1e-5 vs 1e-3)
@@ -164,13 +166,16 @@ def detect(sides: Mapping[str, Any] | Sequence[Any], batch: Mapping[str, np.ndar
     base = _probe(dict(weights if weights is not None else next(iter(named.values())).get_weights()), probe_seed)
     rows = []
     for label, side in named.items():
-        saved, opt = side.get_weights(), side.optimizer_state()
+        # an all-zero optimizer state (before any step: 2 x the weights) is saved as zero-strided views
+        saved, opt = side.get_weights(), zeros_as_views(side.optimizer_state())
         try:
             # a weight the shared set lacks (a partially mapped port's) keeps this side's own value
             rows += _measure(label, side, batch, {**saved, **base}, phase, lr_feed)
         finally:
             side.set_weights(saved)
-            side.set_optimizer_state(opt)
+            side.set_optimizer_state(fresh(opt))
+            del saved, opt
+            release()  # what the side's step left in the C heap (TF conv: 0.5 GiB), before the next side
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     if table.empty:
         return table

@@ -16,6 +16,7 @@ import numpy as np
 
 INACCURATE_FACTOR = 100.0
 FLOAT32_EPS = float(np.finfo(np.float32).eps)
+CHUNK = 1 << 20  # elements per block of a large tensor's float64 temporaries (8 MiB each)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ def compare(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: flo
         worst = tuple(int(i) for i in np.argwhere(diff)[0]) if n else ()
         return Comparison(name, a.shape, float(n), float(n) / a.size, float(n) / a.size, worst, 0.0, 1.0, 0.0,
                           "PASS" if n == 0 else "FAIL", f"{n} of {a.size} differ" if n else "")
+    if a.size > CHUNK and a.flags.c_contiguous and b.flags.c_contiguous:
+        return _compare_chunked(name, a, b, floor, multiple, resolution)
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
     # Where either side is non-finite, both must hold the same value: NaN==NaN, +inf==+inf, -inf==-inf.
@@ -87,6 +90,76 @@ def compare(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: flo
     return Comparison(name, a.shape, max_abs, float(rel.max()), float(diff.mean()), worst, floor, multiple, tol, verdict, note)
 
 
+def _pairwise_leaves(n: int) -> list[tuple[int, int]]:
+    """The blocks of at most CHUNK elements at which numpy's pairwise summation of ``n`` contiguous
+    float64 values splits (each half rounded down to a multiple of 8), in order: summing each block
+    with ``np.add.reduce`` and combining the block sums along the same tree gives numpy's sum bit for
+    bit (see :func:`_pairwise_sum`)."""
+    out: list[tuple[int, int]] = []
+
+    def walk(lo: int, hi: int) -> None:
+        if hi - lo <= CHUNK:
+            out.append((lo, hi))
+            return
+        half = (hi - lo) // 2
+        half -= half % 8
+        walk(lo, lo + half)
+        walk(lo + half, hi)
+
+    walk(0, n)
+    return out
+
+
+def _pairwise_sum(sums: dict[int, np.float64], lo: int, hi: int) -> np.float64:
+    """The pairwise tree of :func:`_pairwise_leaves` over the block sums (keyed by block start)."""
+    if hi - lo <= CHUNK:
+        return sums[lo]
+    half = (hi - lo) // 2
+    half -= half % 8
+    return _pairwise_sum(sums, lo, lo + half) + _pairwise_sum(sums, lo + half, hi)
+
+
+def _compare_chunked(name: str, a: np.ndarray, b: np.ndarray, floor: float, multiple: float, resolution: float) -> Comparison:
+    """:func:`compare` of two large C-contiguous float tensors, block by block: the same element-wise
+    float64 operations, so every number is the one the whole-array code gives (first non-finite
+    mismatch and first worst element in C order, max over blocks, the mean by numpy's own pairwise
+    summation tree), with float64 temporaries of one block (not seven copies of the tensor)."""
+    af, bf = a.reshape(-1), b.reshape(-1)
+    n = af.size
+    worst_flat, max_abs, rel_max, scale_max, sums = 0, -1.0, 0.0, 0.0, {}
+    for lo, hi in _pairwise_leaves(n):
+        a64, b64 = af[lo:hi].astype(np.float64), bf[lo:hi].astype(np.float64)
+        finite_a, finite_b = np.isfinite(a64), np.isfinite(b64)
+        same_nonfinite = (np.isnan(a64) & np.isnan(b64)) | (a64 == b64)
+        bad = ~(finite_a & finite_b) & ~same_nonfinite
+        if bad.any():
+            i = int(np.argmax(bad))
+            idx = tuple(int(j) for j in np.unravel_index(lo + i, a.shape))
+            return _fail(name, f"non-finite mismatch at {idx}: A={float(a64[i])} B={float(b64[i])}", a.shape)
+        with np.errstate(invalid="ignore", over="ignore"):
+            diff = np.where(finite_a, np.abs(a64 - b64), 0.0)
+        i = int(np.argmax(diff))
+        if diff[i] > max_abs:  # strictly: the first maximum in C order, as np.argmax over the whole
+            worst_flat, max_abs = lo + i, float(diff[i])
+        sums[lo] = np.add.reduce(diff)
+        scale = np.maximum(np.abs(a64), np.abs(b64))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel_max = max(rel_max, float(np.where(scale > 0, diff / scale, 0.0).max()))
+        scale_max = max(scale_max, float(np.max(np.where(finite_a, scale, 0.0))))
+    worst = tuple(int(i) for i in np.unravel_index(worst_flat, a.shape))
+    mean_abs = float(_pairwise_sum(sums, 0, n) / n)
+    floor = max(float(floor), resolution * scale_max)
+    tol = multiple * floor
+    if max_abs <= tol:
+        verdict = "PASS"
+    elif max_abs <= INACCURATE_FACTOR * tol:
+        verdict = "INACCURATE"
+    else:
+        verdict = "FAIL"
+    note = constant_ratio(a.astype(np.float64), b.astype(np.float64)) if verdict == "FAIL" else ""
+    return Comparison(name, a.shape, max_abs, rel_max, mean_abs, worst, floor, multiple, tol, verdict, note)
+
+
 def constant_ratio(a: np.ndarray, b: np.ndarray, spread: float = 1e-4) -> str:
     """Name a reduction / convention mismatch: ``b = c·a`` with one factor c for every element.
 
@@ -106,12 +179,20 @@ def constant_ratio(a: np.ndarray, b: np.ndarray, spread: float = 1e-4) -> str:
     return f"constant ratio B/A = {c:.6g} (a reduction/convention mismatch?)"
 
 
+def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
+    """``a.tobytes() == b.tobytes()`` for two C-contiguous arrays of one dtype, block by block (no copies)."""
+    if a.nbytes <= 8 * CHUNK or a.dtype.kind not in "biufc":
+        return a.tobytes() == b.tobytes()
+    ab, bb = a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)
+    return all(ab[i:i + 8 * CHUNK].tobytes() == bb[i:i + 8 * CHUNK].tobytes() for i in range(0, ab.size, 8 * CHUNK))
+
+
 def compare_exact(name: str, a: np.ndarray, b: np.ndarray) -> Comparison:
     """Bit for bit (transplant round trips): PASS only when shape, dtype and every byte agree."""
     a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
     if a.shape != b.shape or a.dtype != b.dtype:
         return _fail(name, f"shape/dtype {a.shape} {a.dtype} vs {b.shape} {b.dtype}", a.shape)
-    if a.tobytes() == b.tobytes():
+    if _same_bytes(a, b):
         return Comparison(name, a.shape, 0.0, 0.0, 0.0, (), 0.0, 0.0, 0.0, "PASS", "bit-exact")
     # Count elements whose bytes differ (NaN payloads, -0.0 vs 0.0), not elements with a != b.
     differs = np.any(

@@ -31,14 +31,51 @@ REDUCTIONS = ("per_sample", "mean", "sum")
 VERDICT_ORDER = ("FAIL", "STRUCTURAL", "INACCURATE", "DECLARED", "SKIPPED", "PASS")
 
 
+CHUNK = 1 << 20  # elements per chunk of the float64 temporaries of large tensors (8 MiB each)
+
+
+def _chunkable(a: np.ndarray, *others: np.ndarray) -> bool:
+    """Whether whole-array element-wise work on ``a`` (and ``others``, same shape) may run chunk by chunk
+    over the flat C-order views: large, and every operand C-contiguous (a flat view, not a copy)."""
+    return a.size > CHUNK and a.flags.c_contiguous and all(o.shape == a.shape and o.flags.c_contiguous for o in others)
+
+
+def max_abs_diff(a: Any, b: Any) -> float:
+    """``max |a - b|`` in float64, NaN if any difference is NaN: the value of
+    ``np.max(np.abs(a.astype(float64) - b.astype(float64)))``, chunk by chunk for large tensors (no
+    whole-tensor float64 copies: 3 x 517 MB for a 64.6 M-element kernel)."""
+    a, b = np.asarray(a), np.asarray(b)
+    if not _chunkable(a, b):
+        return float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+    af, bf = a.reshape(-1), b.reshape(-1)
+    return float(np.max([np.max(np.abs(af[i:i + CHUNK].astype(np.float64) - bf[i:i + CHUNK].astype(np.float64)))
+                         for i in range(0, af.size, CHUNK)]))
+
+
+def abs_max(a: Any) -> float:
+    """``max |a|`` in float64 (0 for an empty tensor): ``np.max(np.abs(a.astype(float64)), initial=0)``, chunked."""
+    a = np.asarray(a)
+    if not _chunkable(a):
+        return float(np.max(np.abs(np.asarray(a, np.float64)), initial=0.0))
+    af = a.reshape(-1)
+    return float(np.max([np.max(np.abs(af[i:i + CHUNK].astype(np.float64)), initial=0.0) for i in range(0, af.size, CHUNK)],
+                        initial=0.0))
+
+
 def floors(a32: Mapping[str, Any], a64: Mapping[str, Any]) -> dict[str, float]:
-    """Per name, max |a32 - a64| over the float tensors present on both sides (no whole-dict copies)."""
+    """Per name, max |a32 - a64| over the float tensors present on both sides (no whole-dict copies;
+    large tensors chunk by chunk). Either side may be a lazy mapping (harness.memory.SpillView):
+    each value is fetched once and dropped before the next."""
     out = {}
-    for k, v in a32.items():
-        if k not in a64 or np.asarray(v).dtype.kind != "f":
+    for k in a32:
+        if k not in a64:
             continue
-        a, b = np.asarray(v), np.asarray(a64[k])
-        out[k] = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.size and a.shape == b.shape else 0.0
+        a = np.asarray(a32[k])
+        if a.dtype.kind != "f":
+            continue
+        b = np.asarray(a64[k])
+        out[k] = max_abs_diff(a, b) if a.size and a.shape == b.shape else 0.0
+        del a, b
     return out
 
 
@@ -75,6 +112,54 @@ def split(fn: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]], batch: Ma
     return out
 
 
+def split_floors(full: Mapping[str, Any], fn: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]], batch: Mapping[str, np.ndarray],
+                 reduction: str | Mapping[str, str]) -> dict[str, float]:
+    """``floors(full, split(fn, batch, reduction))``, the same numbers, without holding the recombined
+    split: each tensor is recombined, measured against ``full`` and dropped, large ones chunk by
+    chunk (for a model's gradients the split is a float64 copy of every weight)."""
+    a_batch, b_batch, na, nb = halves(batch)
+    a, b = dict(fn(a_batch)), dict(fn(b_batch))
+    how = {}
+    for k in a:
+        how[k] = reduction if isinstance(reduction, str) else reduction.get(k, "mean")
+        if how[k] not in REDUCTIONS:
+            raise ValueError(f"{k}: reduction {how[k]!r}; expected one of {REDUCTIONS}")
+    out = {}
+    for k in full:
+        if k not in a:
+            continue
+        f = np.asarray(full[k])
+        if f.dtype.kind != "f":
+            continue
+        ak, bk = np.asarray(a.pop(k)), np.asarray(b.pop(k))
+        out[k] = _split_floor(f, ak, bk, na, nb, how[k])
+        del f, ak, bk
+    return out
+
+
+def _split_floor(f: np.ndarray, a: np.ndarray, b: np.ndarray, na: int, nb: int, how: str) -> float:
+    """``floors``' value for one tensor: max |f - recombine(a, b)|, 0 where empty or shapes differ."""
+    if how == "per_sample":
+        if (f.size and a.ndim and a.dtype == b.dtype and f.shape == (len(a) + len(b), *a.shape[1:])
+                and b.shape[1:] == a.shape[1:] and _chunkable(f)):  # the two row blocks of the concatenation
+            return float(np.max([max_abs_diff(f[:len(a)], a), max_abs_diff(f[len(a):], b)]))
+        s = np.concatenate([a, b])
+    elif _chunkable(f, a, b):
+        ff, af, bf = f.reshape(-1), a.reshape(-1), b.reshape(-1)
+
+        def part(i: int) -> np.ndarray:
+            x, y = af[i:i + CHUNK].astype(np.float64), bf[i:i + CHUNK].astype(np.float64)
+            return x + y if how == "sum" else (na * x + nb * y) / (na + nb)
+
+        return float(np.max([np.max(np.abs(ff[i:i + CHUNK].astype(np.float64) - part(i))) for i in range(0, ff.size, CHUNK)]))
+    elif how == "sum":
+        s = np.asarray(a, np.float64) + np.asarray(b, np.float64)
+    else:
+        s = (na * np.asarray(a, np.float64) + nb * np.asarray(b, np.float64)) / (na + nb)
+    s = np.asarray(s)
+    return max_abs_diff(f, s) if f.size and f.shape == s.shape else 0.0
+
+
 def judge(reference: Mapping[str, Any], port: Mapping[str, Any], parts: Mapping[str, Mapping[str, float]], multiple: float = MULTIPLE,
           resolution: float = FLOAT32_EPS, absent: Iterable[str] = (), constants: Mapping[str, float] | None = None) -> list[Comparison]:
     """Every tensor of ``reference`` against ``port`` within ``multiple`` x its floor (the largest of
@@ -85,12 +170,11 @@ def judge(reference: Mapping[str, Any], port: Mapping[str, Any], parts: Mapping[
     capped = {}
     for k, f in band.items():
         if k in port and np.asarray(port[k]).size:
-            limit = FLOOR_MAX_REL * float(np.max(np.abs(np.asarray(port[k], np.float64)), initial=0.0))
+            limit = FLOOR_MAX_REL * abs_max(port[k])
             if f > limit:
                 capped[k], band[k] = f, limit
     absent = set(absent)
-    rows = compare_all({k: v for k, v in reference.items() if k not in absent}, {k: v for k, v in port.items() if k not in absent},
-                       band, multiple, resolution)
+    rows = compare_all(_Without(reference, absent), _Without(port, absent), band, multiple, resolution)
     out = []
     for r in rows:
         if r.name in capped:
@@ -102,6 +186,27 @@ def judge(reference: Mapping[str, Any], port: Mapping[str, Any], parts: Mapping[
                 r = dataclasses.replace(r, note=f"{found}; {r.note}".strip("; "))
         out.append(r)
     return out + [structural(k, "absent in the port (partial mapping)") for k in reference if k in absent]
+
+
+class _Without(Mapping):
+    """``values`` without the names in ``absent``, lazily (a lazy mapping stays lazy: one tensor at a time)."""
+
+    def __init__(self, values: Mapping[str, Any], absent: set[str]) -> None:
+        self._values, self._absent = values, absent
+
+    def __getitem__(self, name: str) -> Any:
+        if name in self._absent:
+            raise KeyError(name)
+        return self._values[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name not in self._absent and name in self._values
+
+    def __iter__(self):
+        return (k for k in self._values if k not in self._absent)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def structural(name: str, note: str) -> Comparison:

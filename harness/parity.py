@@ -28,6 +28,7 @@ from typing import Any
 from harness import engine
 from harness.compare import format_table
 from harness.env import seed_all
+from harness.memory import return_freed_blocks
 from harness.spec import ModelSpec, get_spec, models
 from harness.tiers import INITS, QuickTier, split_by_tier, worst_row
 
@@ -110,7 +111,9 @@ def _quick(args, spec: ModelSpec, variant: str, out_dir: Path, stem, flags: dict
     from harness.executed import load_registry
 
     registry = load_registry(args.deviations) if args.deviations else None
-    tier = QuickTier(spec, variant, args.seed, args.data, init=args.init, registry=registry, overrides=args.config_overrides, cache=False)
+    return_freed_blocks()  # freed tensors go back to the OS at once: the run's peak is what it holds, not what it held
+    tier = QuickTier(spec, variant, args.seed, args.data, init=args.init, registry=registry, overrides=args.config_overrides, cache=False,
+                     progress=True)
     report = tier.run(make_port)
     sections = report.pop("_sections")
     report.update(port_overrides=args.port_overrides, config_overrides=args.config_overrides, port_adapter=args.port_adapter,

@@ -77,6 +77,12 @@ class ModelSpec:
     def make_reference(self, cfg: Any, dtype: str = "float32") -> ReferenceSide:
         raise NotImplementedError
 
+    def make_evaluation_reference(self, cfg: Any, dtype: str = "float64") -> ReferenceSide:
+        """A reference that is only evaluated (weights set, forward, losses, gradients), never stepped
+        nor asked for its optimizer state: the quick tier's float64 reference. A spec may build it
+        without optimizer state (memory); by default it is :meth:`make_reference`."""
+        return self.make_reference(cfg, dtype)
+
     def make_port(self, cfg: Any, dtype: str = "float32", device: str = "cpu") -> PortSide:
         raise NotImplementedError
 

@@ -17,18 +17,18 @@ get the same arrays, and the engine (harness/engine.py) judges, element by eleme
 
 from __future__ import annotations
 
-import gc
 import tempfile
 import time
 from typing import Any
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 from harness import engine
 from harness.compare import FLOAT32_EPS, Comparison, compare_exact
-from harness.engine import FLOAT64_EPS, MULTIPLE, floors, judge, skipped, split, structural
+from harness.engine import FLOAT64_EPS, MULTIPLE, floors, judge, skipped, split_floors, structural
 from harness.env import fingerprint
+from harness.memory import Spill, for_side, fresh, release, resident_mib, zeros_as_views
 from harness.protocols import Batch, PortSide, Unsupported
 from harness.spec import ModelSpec
 
@@ -49,6 +49,7 @@ def draw(spec: ModelSpec, cfg: Any, seed: int, dataset: str | None, weight_shape
     rng = np.random.Generator(np.random.PCG64(seed))
     weights = spec.draw_weights(weight_shapes, rng)
     x, data_name = spec.load_data(cfg, dataset, cfg.batch_size)
+    x = np.array(x)  # a copy: a view of the data set would keep all of it alive
     return weights, spec.draw_inputs(cfg, rng, x), data_name
 
 
@@ -72,19 +73,40 @@ def section_of(key: str) -> str:
     return "T2 forward" if key == "forward" else ("T3 losses" if key == "losses" else f"T3 gradients of {key}")
 
 
+def _name32(key: str) -> str:
+    """The float32 section a float64-tier key ("forward", "forward, isolated", "losses", a loss) twins."""
+    return "T2 forward, isolated" if key == "forward, isolated" else section_of(key)
+
+
+def _name64(key: str) -> str:
+    return f"{_name32(key)} (float64)"
+
+
 class QuickTier:
     """T0–T3 on one batch for one config; the reference is built once and reset before each run, so
     many ports (or planted mutants) can be judged against it cheaply. ``run(make_port)`` takes
     ``make_port(config, dtype) -> PortSide`` (default: the spec's port). ``cache`` keeps the
-    reference's values between runs (mutation tests); the CLI runs once and frees them as it goes."""
+    reference's values (float32 and float64) between runs (mutation tests); without it (the CLI) a
+    run frees everything as it goes, the reference included (a later run builds it again).
+
+    Memory (harness/memory.py): a run holds one side at a time, except in T0 / T1 (which need both
+    float32 sides). In order: the float32 reference alone computes everything T2 / T3 take from it
+    (values, batch-split floors, its steps); T0 and T1 with the float32 port; the port alone replays
+    T2 / T3; the float64 reference (built without optimizer state) computes the float64 tier's
+    values; the float64 port replays T2 / T3 once more, and every section is judged, in the
+    report's order, as its floor becomes known. What a later stage needs waits in a spill directory
+    (``tempfile``, removed at the end of the run); the values are those the single interleaved pass
+    gave, bit for bit (each side's calls are in the same order on the same state)."""
 
     def __init__(self, spec: ModelSpec, variant: str, seed: int = 0, dataset: str | None = None, multiple: float = MULTIPLE,
-                 init: str = "pcg64", registry: dict | None = None, overrides: dict | None = None, cache: bool = True):
+                 init: str = "pcg64", registry: dict | None = None, overrides: dict | None = None, cache: bool = True,
+                 progress: bool = False):
         from harness.executed import load_registry
 
         if init not in INITS:
             raise ValueError(f"init={init!r}; expected one of {INITS}")
         self.spec, self.variant, self.seed, self.multiple, self.init, self.cache = spec, variant, seed, multiple, init, cache
+        self.progress, self._bar = progress, None
         self.registry = load_registry(spec.deviations_path()) if registry is None else registry
         self.config = cfg = spec.get_config(variant, overrides)
         self.ref = spec.make_reference(cfg)
@@ -92,113 +114,358 @@ class QuickTier:
         if init == "pcg64":
             self.ref.set_weights(weights)
         del weights
-        self.weights0, self.optimizer0 = self.ref.get_weights(), self.ref.optimizer_state()
-        self._ref_cache: dict[str, tuple[dict, dict]] = {}
+        # the optimizer's initial state is all zeros: kept as zero-strided views (no memory)
+        self.weights0, self.optimizer0 = self.ref.get_weights(), zeros_as_views(self.ref.optimizer_state())
+        self._ref_cache: dict[str, tuple[Mapping, dict]] = {}  # key -> (values, batch-split floor), float32 reference
+        self._ref64_cache: dict[str, tuple[Mapping, dict]] = {}  # the same for the float64 reference
+        # per phase: the reference's step record, the gradients it applied, its weights and optimizer state
+        # after the step, its forward before it (at the previous steps' weights; None for the first phase)
+        self._steps: list[tuple] | None = None
         self.constants = spec.constants(cfg)
 
-    def _ref(self, key: str, side=None) -> tuple[dict, dict]:
-        """The reference's values for ``key`` and their batch-split recombination (cached per key)."""
+    def _ref(self, key: str, spill: Spill | None = None) -> tuple[Mapping, dict]:
+        """The reference's values for ``key`` ("forward", "forward:<probe>", "losses" or a loss name,
+        computed on first use with the reference's current weights) and their batch-split floor."""
         if key not in self._ref_cache:
-            fn = values_fn(side or self.ref, "forward" if key.startswith("forward") else key)
-            self._ref_cache[key] = (fn(self.batch), split(fn, self.batch, reduction(self.spec, "forward" if key.startswith("forward") else key)))
+            self._ref_cache[key] = self._values_and_floor(self.ref, key, spill, "reference")
         return self._ref_cache[key]
 
-    def _drop(self, key: str) -> None:
-        if not self.cache:
-            self._ref_cache.pop(key, None)
-            gc.collect()
+    def _stage(self, what: str) -> None:
+        """The progress bar (stderr, ``progress=True``): the stage now running and the resident memory."""
+        if not self.progress:
+            return
+        if self._bar is None:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(desc=f"quick tier {self.spec.name}/{self.variant}", unit=" stage", bar_format="{desc} {n} stages [{elapsed}] {postfix}")
+        self._bar.update()
+        self._bar.set_postfix_str(f"{what} | RSS {resident_mib():.0f} MiB")
+
+    def _values_and_floor(self, side, key: str, spill: Spill | None, label: str) -> tuple[Mapping, dict]:
+        self._stage(f"{label} {key}")
+        base = "forward" if key.startswith("forward") else key.split("#")[0]
+        fn = values_fn(side, base)
+        full = fn(self.batch)
+        floor = split_floors(full, fn, self.batch, reduction(self.spec, base))
+        if spill is not None and not self.cache:  # needed again at judging time only: to disk until then
+            spill.put(f"{label} {key}", full)
+            full = spill.get(f"{label} {key}")
+        return full, floor
 
     def run(self, make_port: MakePort | None = None) -> dict[str, Any]:
-        spec, cfg, batch, ref = self.spec, self.config, self.batch, self.ref
+        if self.ref is None:  # released by a run without cache: built again, at the initial weights
+            self.ref = self.spec.make_reference(self.config)
+        spec, cfg, ref = self.spec, self.config, self.ref
         make_port = make_port or (lambda c, dtype: spec.make_port(c, dtype))
         t0 = time.perf_counter()
-        ref.set_weights(self.weights0)
-        ref.set_optimizer_state(self.optimizer0)
         sections: dict[str, list[Comparison]] = {}
         floors_: dict[str, dict[str, dict[str, float]]] = {}
         self.timings: dict[str, float] = {}
         last = [time.perf_counter()]
+        batchnorm = getattr(self, "batchnorm", None)
 
         def lap(tier: str) -> None:
             now = time.perf_counter()
             self.timings[tier] = self.timings.get(tier, 0.0) + now - last[0]  # float64 parts add to T2 / T3
             last[0] = now
 
+        spill = Spill()
         try:
-            port, port64 = make_port(cfg, "float32"), make_port(cfg, "float64")
-        except Exception as err:  # noqa: BLE001 -- a port that cannot be built is a FAIL row, not a crash
-            sections["T1 weights (transplant)"] = [_fail("make_port", f"{type(err).__name__}: {err}")]
-            return self._report(sections, floors_, t0)
-        absent = frozenset(getattr(port, "absent", ()))
-        self._t0(port, sections)
-        lap("T0")
-        if not self._t1(port, port64, sections, absent):
-            return self._report(sections, floors_, t0)
-        lap("T1")
+            self._reference32(spill, lap)
+            ref.set_weights(self.weights0)
+            ref.set_optimizer_state(fresh(self.optimizer0))
+            self._release()
+            self._stage("port float32: build")
+            try:
+                port = make_port(cfg, "float32")
+            except Exception as err:  # noqa: BLE001 -- a port that cannot be built is a FAIL row, not a crash
+                self.timings = {}
+                return self._report({"T1 weights (transplant)": [_fail("make_port", f"{type(err).__name__}: {err}")]}, floors_, t0)
+            absent = frozenset(getattr(port, "absent", ()))
+            last[0] = time.perf_counter()
+            self._stage("T0 config as executed")
+            self._t0(port, sections)
+            lap("T0")
+            self._release()
+            self._stage("T1 transplant")
+            if not self._t1(port, sections, absent, spill):
+                return self._report(sections, floors_, t0)
+            lap("T1")
+            weights0 = self.weights0
+            if not self.cache:  # the float32 reference is done: free it, keep the initial weights on disk
+                spill.put("weights0", self.weights0)
+                weights0, self.weights0 = spill.get("weights0", copy=True), None
+                self._release_reference()
+            self._release()
+            plan = self._float32(port, weights0, spill, sections, lap)
+            del port
+            self._release()
+            self._reference64(spill, weights0, lap)
+            failed = self._twin(make_port, spill, plan, weights0, sections, floors_, lap, absent)
+            if failed is not None:  # the float64 twin cannot be built or loaded: reported as if both ports were made up front
+                step, sections = failed
+                self.timings = {} if step == "make_port" else {"T0": self.timings["T0"]}
+                if step == "make_port":
+                    self.batchnorm = batchnorm
+                return self._report(sections, {}, t0)
+        finally:
+            if self.weights0 is None:  # back in memory for a later run (the peak is behind)
+                self.weights0 = dict(spill.get("weights0", copy=True))
+            spill.close()
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            if not self.cache:
+                self._ref_cache.clear()
+                self._ref64_cache.clear()
+                self._steps = None
+            self._release()
+        engine.confirm_kinks_in_float64(sections)
+        return self._report(sections, floors_, t0)
 
-        def section(name: str, key: str, t32: dict, t64: dict, ref_side=None) -> None:
+    def _release(self) -> None:
+        """Give freed memory back to the OS between stages of a run that must stay small (cache=False)."""
+        if not self.cache:
+            release()
+
+    def _release_reference(self) -> None:
+        """Close the float32 reference (a side with ``close()`` frees its session) and drop it."""
+        close = getattr(self.ref, "close", None)
+        if close is not None:
+            close()
+        self.ref = None
+
+    def _keep(self, spill: Spill, key: str, values: Mapping) -> Mapping:
+        """``values`` kept for later in this run: in memory with ``cache`` (and across runs), else on disk."""
+        if self.cache:
+            return values
+        spill.put(key, values)
+        return spill.get(key)
+
+    @staticmethod
+    def _loss_key(i: int, phases) -> str:
+        """The reference-values key of phase ``i``'s gradients (a loss repeated by a later phase is
+        taken again there, from the state the steps before it left)."""
+        loss = phases[i].loss
+        return loss if all(ph.loss != loss for ph in phases[:i]) else f"{loss}#{i}"
+
+    # --- T2 / T3: the float32 reference alone ---------------------------------------------------------
+    def _reference32(self, spill: Spill, lap) -> None:
+        """Everything T2 and T3 take from the float32 reference, before any port is built: its values
+        for each section with their batch-split floors, and its step of each phase (from the state the
+        previous phase left, as the sections see it): the gradients its train op applied, its
+        weights and optimizer state after the step. Kept across runs with ``cache``, else on disk."""
+        spec, ref = self.spec, self.ref
+        if self._steps is not None:
+            return
+        ref.set_weights(self.weights0)
+        ref.set_optimizer_state(fresh(self.optimizer0))
+        self._ref("forward", spill)
+        for probe in spec.probes:
+            ref.set_weights(probe.weights(self.weights0))
+            self._ref(f"forward:{probe.name}", spill)
+            ref.set_weights(self.weights0)
+        lap("T2")
+        self._ref("losses", spill)
+        steps = []
+        for i, ph in enumerate(spec.phases):
+            self._ref(self._loss_key(i, spec.phases), spill)
+            # after the previous phases' steps the weights moved: kink flips are looked for again there
+            moved = self._keep(spill, f"reference forward {i}", ref.forward(self.batch)) if i else None
+            self._stage(f"reference step {ph.name}")
+            rec = ref.step(ph.name, self.batch, ph.lr_feed, return_gradients=True)
+            applied = self._keep(spill, f"applied {i}", rec.pop("gradients"))
+            after = [self._keep(spill, f"reference step {i}: {what}", get(ref))
+                     for what, get in (("weights", lambda s: s.get_weights()), ("optimizer", lambda s, phase=ph.name: s.optimizer_state(phase)))]
+            steps.append((rec, applied, *after, moved))
+            self._release()
+        lap("T3")
+        self._steps = steps
+        if not self.cache:
+            self._port_born_weights(spill)
+
+    # --- T2 / T3: the float32 port --------------------------------------------------------------------
+    def _float32(self, port, weights0: Mapping, spill: Spill, sections: dict, lap) -> dict[str, str]:
+        """The float32 port's side of T2 and T3 (the same calls, in the same order, as the reference's).
+        Each section's port values go to the spill and the section takes its place in the report;
+        it is judged in :meth:`_twin`, once the float64 twin has measured its floor. The port's
+        optimizer runs in isolation: it applies the gradients the reference's train op itself applied,
+        so weights and optimizer state after the step may differ by float32 rounding of the update only
+        (floor: the float64 port given the same gradients; cancellation in m amplifies it).
+        Returns {section: reference key}."""
+        spec, batch = self.spec, self.batch
+        plan: dict[str, str] = {}
+
+        def record(name: str, key: str, port_values: Mapping) -> None:
             # No batch split on the port: a port that wrongly couples samples (BN on batch statistics)
             # would widen its own band by exactly its bug. Its float64 twin runs the same code.
-            full, halves = self._ref(key, ref_side)
-            floors_[name] = {"float64": floors(t32, t64), "split_tf": floors(full, halves)}
-            sections[name] = judge(full, t32, floors_[name], self.multiple, absent=absent, constants=self.constants)
+            self._stage(f"port float32 {name}")
+            spill.put(f"port32 {name}", port_values)
+            sections[name] = None
+            plan[name] = key
 
-        port_fwd = port.forward(batch)
-        section("T2 forward", "forward", port_fwd, port64.forward(batch))
-        teacher = self._ref("forward")[0]
-        kinks = engine.kink_flips(teacher, port_fwd, sections["T2 forward"], spec.is_activation)
-        order = list(teacher)
-        del port_fwd
-        try:
-            section("T2 forward, isolated", "forward", port.forward_isolated(batch, teacher), port64.forward_isolated(batch, teacher))
+        record("T2 forward", "forward", port.forward(batch))
+        try:  # each port layer fed the reference's input to it
+            isolated = port.forward_isolated(batch, for_side(self._ref("forward")[0]))
         except Unsupported as err:
             sections["T2 forward, isolated"] = [skipped("forward_isolated", str(err))]
+        else:
+            record("T2 forward, isolated", "forward", isolated)
+            del isolated
         for probe in spec.probes:
-            moved = probe.weights(self.weights0)
-            for side in (ref, port, port64):
-                side.set_weights(moved)
-            section(f"T2 forward, {probe.name}", f"forward:{probe.name}", port.forward(batch), port64.forward(batch))
-            self._drop(f"forward:{probe.name}")
-            for side in (ref, port, port64):
-                side.set_weights(self.weights0)
+            port.set_weights(probe.weights(weights0))
+            record(f"T2 forward, {probe.name}", f"forward:{probe.name}", port.forward(batch))
+            port.set_weights(dict(weights0))
         lap("T2")
-        section("T3 losses", "losses", port.losses(batch), port64.losses(batch))
-        self._drop("losses")
+        record("T3 losses", "losses", port.losses(batch))
+        for i, ph in enumerate(spec.phases):
+            record(f"T3 gradients of {ph.loss}", self._loss_key(i, spec.phases), port.gradients(ph.loss, batch))
+            if i:  # the forward at the post-step weights, for the kink flips there
+                spill.put(f"port32 forward {i}", port.forward(batch))
+            rec, applied = self._steps[i][:2]
+            port_rec = port.apply_gradients(ph.name, for_side(applied), ph.lr_feed)
+            sections[f"T3 step {ph.name}: lr, global_step"] = judge({k: rec[k] for k in port_rec}, port_rec, {}, self.multiple,
+                                                                     constants=self.constants)
+            for what, get in (("weights", lambda s: s.get_weights()), ("optimizer", lambda s, phase=ph.name: s.optimizer_state(phase))):
+                name = f"T3 step {ph.name}: {what}"
+                spill.put(f"port32 {name}", get(port))
+                sections[name] = None
+            self._release()
+        lap("T3")
+        return plan
+
+    # --- float64 reference --------------------------------------------------------------------------
+    def _reference64(self, spill: Spill, weights0: Mapping, lap) -> None:
+        """The float64 tier's reference values (forward, losses, each phase's gradients) and their
+        batch-split floors, from the reference built in double precision; it is then closed. Built
+        through ``spec.make_evaluation_reference`` (never stepped: no optimizer state needed)."""
+        keys = [k for k in dict.fromkeys(("forward", "losses", *(ph.loss for ph in self.spec.phases))) if k not in self._ref64_cache]
+        if not keys:
+            return
+        self._stage("reference float64: build")
+        ref64 = self.spec.make_evaluation_reference(self.config, "float64")
+        try:
+            ref64.set_weights(dict(weights0))
+            for key in keys:
+                self._ref64_cache[key] = self._values_and_floor(ref64, key, spill, "reference64")
+                lap("T2" if key == "forward" else "T3")
+        finally:
+            close = getattr(ref64, "close", None)
+            if close is not None:
+                close()
+            del ref64
+            self._release()
+
+    # --- the float64 twin: floors, judging, float64 tier -----------------------------------------------
+    def _twin(self, make_port: MakePort, spill: Spill, plan: dict[str, str], weights0: Mapping, sections: dict, floors_: dict,
+              lap, absent: frozenset) -> tuple[str, dict] | None:
+        """The float64 port replays the float32 pass: each section's floor (float32 vs float64 port)
+        and verdict; the float64 tier (T2 forward chained and isolated, T3 losses and gradients with
+        BOTH sides in float64: rounding all but vanishes, so anything beyond a few float64 ulps x the
+        reference's own batch-split floor is a formula, constant or layout difference; measured on
+        the faithful pair: 1e-15 relative) from the same calls at the initial weights. Returns
+        (failed call, sections to report instead) when the twin cannot be built or loaded, else None."""
+        from harness.transplant import TransplantError
+
+        spec, batch = self.spec, self.batch
+        keys64 = ("forward", "forward, isolated", "losses", *(ph.loss for ph in spec.phases))
+        for name in [n for n, rows in sections.items() if rows is None]:  # the floors in the sections' order
+            floors_[name] = None
+        for key in keys64:  # the float64 tier's place in the report
+            sections[_name64(key)] = floors_[_name64(key)] = None
+        self._stage("port float64: build")
+        try:
+            port64 = make_port(self.config, "float64")
+        except Exception as err:  # noqa: BLE001
+            return "make_port", {"T1 weights (transplant)": [_fail("make_port", f"{type(err).__name__}: {err}")]}
+        try:
+            port64.set_weights(dict(weights0))
+        except TransplantError as err:
+            return "set_weights", {**{k: v for k, v in sections.items() if k.startswith("T0")},
+                                   "T1 weights (transplant)": [_fail("set_weights", str(err))]}
+
+        def finish(name: str, t64: Mapping) -> None:
+            self._stage(f"port float64 {name}")
+            full, split_floor = self._ref(plan[name])
+            t32 = spill.get(f"port32 {name}")
+            floors_[name] = {"float64": floors(t32, t64), "split_tf": split_floor}
+            sections[name] = judge(full, t32, floors_[name], self.multiple, absent=absent, constants=self.constants)
+
+        def finish64(key: str, values: Mapping) -> None:
+            # Two floors: the reference's batch split in float64, and the port's measured float32
+            # rounding noise of the same computation scaled by eps64/eps32 (rounding error is
+            # proportional to the unit roundoff; a 2000-term GEMM row is not changed by a batch split).
+            name32, name = _name32(key), _name64(key)
+            self._stage(f"judge {name}")
+            full, split64 = self._ref64_cache["forward" if key.startswith("forward") else key]
+            parts = {"split_tf64": split64,
+                     "float32_scaled": {k: f * FLOAT64_EPS / FLOAT32_EPS for k, f in (floors_.get(name32) or {}).get("float64", {}).items()}}
+            floors_[name] = parts
+            sections[name] = judge(full, values, parts, self.multiple, FLOAT64_EPS, absent=absent, constants=self.constants)
+
+        def drop64(key: str) -> None:
+            del sections[_name64(key)], floors_[_name64(key)]
+
+        values = port64.forward(batch)
+        finish("T2 forward", values)
+        finish64("forward", values)
+        del values
+        teacher = self._ref("forward")[0]
+        kinks = engine.kink_flips(teacher, spill.get("port32 T2 forward"), sections["T2 forward"], spec.is_activation)
+        order = list(teacher)
+        if "T2 forward, isolated" in plan:
+            try:
+                values = port64.forward_isolated(batch, for_side(teacher))
+            except Unsupported as err:
+                sections["T2 forward, isolated"] = [skipped("forward_isolated", str(err))]
+                del floors_["T2 forward, isolated"]
+            else:
+                finish("T2 forward, isolated", values)
+                del values
+        try:
+            values = port64.forward_isolated(batch, for_side(self._ref64_cache["forward"][0]))
+        except Unsupported:
+            drop64("forward, isolated")
+        else:
+            finish64("forward, isolated", values)
+            del values
+        for probe in spec.probes:
+            port64.set_weights(probe.weights(weights0))
+            finish(f"T2 forward, {probe.name}", port64.forward(batch))
+            port64.set_weights(dict(weights0))
+        lap("T2")
+        values = port64.losses(batch)
+        finish("T3 losses", values)
+        finish64("losses", values)
+        for loss in dict.fromkeys(ph.loss for ph in spec.phases):  # the float64 tier's gradients: at the initial weights
+            spill.put(f"port64 {loss}", port64.gradients(loss, batch))
+            self._release()
         for i, ph in enumerate(spec.phases):
             name = f"T3 gradients of {ph.loss}"
-            section(name, ph.loss, port.gradients(ph.loss, batch), port64.gradients(ph.loss, batch))
+            finish(name, spill.get(f"port64 {ph.loss}") if i == 0 else port64.gradients(ph.loss, batch))
             if i == 0:
                 sections[name] = engine.explain_by_kinks(sections[name], kinks, order)
             else:  # after the previous phases' steps the weights moved: the kinks are looked for again there
                 # (measured: dense on 'digits', this machine, one float32 flip after the vae + som_init steps
                 # gave decoder.fc1.kernel 9.5e-4 of 0.049 in loss.total's gradient; TF agrees with torch64)
-                now = engine.kink_flips(ref.forward(batch), port.forward(batch), sections["T2 forward"], spec.is_activation)
+                now = engine.kink_flips(self._steps[i][4], spill.get(f"port32 forward {i}"), sections["T2 forward"], spec.is_activation)
                 sections[name] = engine.explain_by_kinks(sections[name], now, order, "at the post-step weights")
-            self._drop(ph.loss)
-            # The optimizer in isolation: the port applies the gradients the reference's train op
-            # itself applied (fetched in the same run), so weights and optimizer state after the
-            # step may differ by float32 rounding of the update only (floor: the float64 port given
-            # the same gradients; cancellation in m amplifies it).
-            rec = ref.step(ph.name, batch, ph.lr_feed, return_gradients=True)
-            grads = rec.pop("gradients")
-            port_rec = port.apply_gradients(ph.name, grads, ph.lr_feed)
-            port64.apply_gradients(ph.name, grads, ph.lr_feed)
-            del grads
-            sections[f"T3 step {ph.name}: lr, global_step"] = judge({k: rec[k] for k in port_rec}, port_rec, {}, self.multiple,
-                                                                     constants=self.constants)
-            for what, get in (("weights", lambda s: s.get_weights()), ("optimizer", lambda s, phase=ph.name: s.optimizer_state(phase))):
-                t32, t64 = get(port), get(port64)
-                floors_[f"T3 step {ph.name}: {what}"] = {"float64": floors(t32, t64)}
-                sections[f"T3 step {ph.name}: {what}"] = judge(get(ref), t32, floors_[f"T3 step {ph.name}: {what}"], self.multiple,
-                                                               absent=absent, constants=self.constants)
-                del t32, t64
+            self._release()
+            self._stage(f"port float64 step {ph.name}")
+            port64.apply_gradients(ph.name, for_side(self._steps[i][1]), ph.lr_feed)
+            for j, (what, get) in enumerate((("weights", lambda s: s.get_weights()), ("optimizer", lambda s, phase=ph.name: s.optimizer_state(phase)))):
+                name = f"T3 step {ph.name}: {what}"
+                t32, t64 = spill.get(f"port32 {name}"), get(port64)
+                floors_[name] = {"float64": floors(t32, t64)}
+                del t64
+                sections[name] = judge(self._steps[i][2 + j], t32, floors_[name], self.multiple, absent=absent, constants=self.constants)
+                self._release()
+        del port64
+        self._release()
+        for loss in dict.fromkeys(ph.loss for ph in spec.phases):
+            finish64(loss, spill.get(f"port64 {loss}"))
         lap("T3")
-        self._drop("forward")
-        del port
-        gc.collect()
-        self._float64(port64, sections, floors_, lap, absent)
-        engine.confirm_kinks_in_float64(sections)
-        return self._report(sections, floors_, t0)
+        return None
 
     # --- T0 ---------------------------------------------------------------------------------------
     def _t0(self, port, sections: dict) -> None:
@@ -223,33 +490,50 @@ class QuickTier:
         sections["T0 learning-rate schedule"] = judge(*per_phase(*probe), {}, 1.0, constants=self.constants)
 
     # --- T1 ---------------------------------------------------------------------------------------
-    def _t1(self, port, port64, sections: dict, absent: frozenset) -> bool:
+    def _t1(self, port, sections: dict, absent: frozenset, spill: Spill) -> bool:
         from harness.transplant import TransplantError
 
         mapped = {k: v for k, v in self.weights0.items() if k not in absent}
         try:  # a partially mapped port takes the part of each tensor it has (its set_weights knows which)
-            port.set_weights(self.weights0)
-            port64.set_weights(self.weights0)
+            port.set_weights(self.weights0)  # (the float64 twin is loaded when it is built, after the float32 pass)
         except TransplantError as err:
             sections["T1 weights (transplant)"] = [_fail("set_weights", str(err))]
             return False
         back = port.get_weights()
         sections["T1 weights (transplant)"] = [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in mapped.items()] + [
             structural(k, "no counterpart in the port (partial mapping)") for k in self.weights0 if k in absent]
-        sections["T1 torch -> TF -> torch"] = self._round_trip_from_port(port, absent)
+        sections["T1 torch -> TF -> torch"] = self._round_trip_from_port(port, absent, spill)
         sections["T1 original checkpoint -> torch"] = self._original_checkpoint(port, absent)
         return True
 
-    def _round_trip_from_port(self, port, absent: frozenset) -> list[Comparison]:
+    def _port_born_weights(self, spill: Spill) -> Mapping:
+        """T1's weights born on the port's side: another PCG64 draw (its own stream, so it can be drawn
+        whenever memory is low: the float32 pass draws it before the port exists; on disk till T1)."""
+        if "T1 port-born weights" not in spill:
+            drawn = self.spec.draw_weights({k: v.shape for k, v in self.weights0.items()}, np.random.Generator(np.random.PCG64([self.seed, 1])))
+            if self.cache:
+                return drawn
+            spill.put("T1 port-born weights", drawn)
+        return spill.get("T1 port-born weights", copy=True)
+
+    def _round_trip_from_port(self, port, absent: frozenset, spill: Spill) -> list[Comparison]:
         """Weights born on the port's side (another PCG64 draw) through the reference and back, bit for bit."""
-        other = self.spec.draw_weights({k: v.shape for k, v in self.weights0.items()}, np.random.Generator(np.random.PCG64([self.seed, 1])))
-        other = {k: (v if k not in absent else self.weights0[k]) for k, v in other.items()}
-        port.set_weights(other)
+        drawn = self._port_born_weights(spill)
+
+        def other(k: str) -> np.ndarray:  # a partially mapped port's absent names keep the initial weights
+            return drawn[k] if k not in absent else self.weights0[k]
+
+        port.set_weights({k: other(k) for k in drawn})
         try:
-            self.ref.set_weights({**other, **port.get_weights()})
+            mine = port.get_weights()
+            given = {k: mine[k] if k in mine else other(k) for k in drawn}  # {**other, **mine}, other read once
+            given.update(mine)
+            del mine
+            self.ref.set_weights(given)
+            del given
             port.set_weights(self.ref.get_weights())
             back = port.get_weights()
-            return [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in other.items() if k not in absent]
+            return [compare_exact(k, drawn[k], back.get(k, np.zeros(0))) for k in drawn if k not in absent]
         finally:
             self.ref.set_weights(self.weights0)
             port.set_weights(self.weights0)
@@ -261,43 +545,9 @@ class QuickTier:
             where = self.ref.save_checkpoint(f"{tmp}/ckpt")
             weights = self.spec.read_original_checkpoint(where, self.config)
         port.set_weights(weights)
+        del weights
         back = port.get_weights()
         return [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in self.weights0.items() if k not in absent]
-
-    # --- float64 ----------------------------------------------------------------------------------
-    def _float64(self, port64, sections: dict, floors_: dict, lap, absent: frozenset) -> None:
-        """T2 forward (chained and isolated), T3 losses and gradients with BOTH sides in float64 (the
-        reference built in double precision): rounding all but vanishes, so anything beyond a few
-        float64 ulps (x the reference's own batch-split floor) is a formula, constant or layout
-        difference. Measured on the faithful pair: 1e-15 relative."""
-        ref64, batch, spec = self.spec.make_reference(self.config, "float64"), self.batch, self.spec
-        ref64.set_weights(self.weights0)
-        port64.set_weights(self.weights0)  # back at the initial weights
-        ref_values: dict[str, tuple[dict, dict]] = {}
-        for key in ("forward", "forward, isolated", "losses", *(ph.loss for ph in spec.phases)):
-            base = "forward" if key.startswith("forward") else key
-            fn_ref = values_fn(ref64, base)
-            if base not in ref_values:
-                ref_values = {base: (fn_ref(batch), split(fn_ref, batch, reduction(spec, base)))}
-            full, halves = ref_values[base]
-            tier = "T2" if base == "forward" else "T3"
-            name32 = "T2 forward, isolated" if key == "forward, isolated" else section_of(key)
-            try:
-                port_values = port64.forward_isolated(batch, full) if key == "forward, isolated" else values_fn(port64, base)(batch)
-            except Unsupported:
-                continue
-            # Two floors: the reference's batch split in float64, and the port's measured float32
-            # rounding noise of the same computation scaled by eps64/eps32 (rounding error is
-            # proportional to the unit roundoff; a 2000-term GEMM row is not changed by a batch split).
-            parts = {"split_tf64": floors(full, halves),
-                     "float32_scaled": {k: f * FLOAT64_EPS / FLOAT32_EPS for k, f in floors_.get(name32, {}).get("float64", {}).items()}}
-            name = f"{name32} (float64)"
-            floors_[name] = parts
-            sections[name] = judge(full, port_values, parts, self.multiple, FLOAT64_EPS, absent=absent, constants=self.constants)
-            del full, halves, port_values
-            lap(tier)
-        del ref64
-        gc.collect()
 
     # --- report -----------------------------------------------------------------------------------
     def _report(self, sections: dict[str, list[Comparison]], floors_: dict, t0: float) -> dict[str, Any]:

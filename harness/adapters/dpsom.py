@@ -70,6 +70,8 @@ class TorchDPSOM(TorchPortAdapter):
         record: dict[str, Any] = self.trainer.step(phase, x, lr_feed, eps=eps, p=p)
         if return_gradients:
             record["gradients"] = self.applied_gradients()
+        for param in self.trainer.model.parameters():  # applied: not kept on the parameters (a copy of every weight)
+            param.grad = None
         return record
 
     def optimizer_step(self, phase: str, lr_feed: float) -> dict[str, Any]:
@@ -83,21 +85,36 @@ class TorchDPSOM(TorchPortAdapter):
         return {"lr": float(lr), "global_step": tr.optimizer.global_step}
 
     def _read_optimizer(self, phase: str | None):
-        """TF1Adam's state, keyed ``<torch key>/adam_m|v`` plus the ``optim.*`` scalars."""
-        state, slots, scalars = self.trainer.optimizer.state_dict(), {}, {}
-        for key, value in state.items():
-            if key.startswith("optim."):
-                scalars[key] = value
-            else:
-                name, _, slot = key.rpartition("/")
-                slots.setdefault(name, {})[slot] = self.numpy(value)
+        """TF1Adam's state, keyed ``<torch key>/adam_m|v`` plus the ``optim.*`` scalars. The slots are
+        views of the live tensors (not ``state_dict()``'s clones: 2 x the weights at once);
+        :meth:`optimizer_state` copies each into the canonical layout."""
+        opt, slots = self.trainer.optimizer, {}
+        scalars = {"optim.global_step": opt.global_step, "optim.beta1_power": opt.beta1_power, "optim.beta2_power": opt.beta2_power}
+        for name in opt.params:
+            slots[name] = {"adam_m": self.numpy(opt.m[name]), "adam_v": self.numpy(opt.v[name])}
         return scalars, slots
 
     def _write_optimizer(self, phase, scalars, slots) -> None:
+        """TF1Adam's ``load_state_dict``, in place: the same checks and writes, without the clone of
+        every slot it makes (via ``state_dict()``) only to list the names it expects."""
+        import torch
+
+        opt = self.trainer.optimizer
         state = dict(scalars)
         for key, values in slots.items():
             state.update({f"{key}/{slot}": v for slot, v in values.items()})
-        self.trainer.optimizer.load_state_dict(state)
+        expected = {"optim.global_step", "optim.beta1_power", "optim.beta2_power"} | {f"{n}/{s}" for n in opt.params for s in ("adam_m", "adam_v")}
+        missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+        bad = [k for k in expected & set(state) if k.endswith(("/adam_m", "/adam_v"))
+               and tuple(np.shape(state[k])) != tuple(opt.m[k.rsplit("/", 1)[0]].shape)]
+        if missing or unexpected or bad:
+            raise ValueError(f"TF1Adam state: nothing loaded; missing {missing}, unexpected {unexpected}, shape mismatch {sorted(bad)}")
+        opt.global_step = int(state["optim.global_step"])
+        opt.beta1_power, opt.beta2_power = np.float32(state["optim.beta1_power"]), np.float32(state["optim.beta2_power"])
+        with torch.no_grad():
+            for n in opt.params:
+                opt.m[n].copy_(torch.as_tensor(np.asarray(state[f"{n}/adam_m"])))
+                opt.v[n].copy_(torch.as_tensor(np.asarray(state[f"{n}/adam_v"])))
 
     def optimizer_constants(self, phase: str | None = None) -> dict[str, Any]:
         """Adam's constants as the port's optimizer object holds them; the ε placement probed."""
@@ -137,7 +154,9 @@ class TorchDPSOM(TorchPortAdapter):
 class TFReferenceDPSOM:
     """``reference_tf.dpsom`` (tf.compat.v1 graph in its own tf.Graph)."""
 
-    def __init__(self, config: DPSOMConfig, dtype: str = "float32") -> None:
+    def __init__(self, config: DPSOMConfig, dtype: str = "float32", optimizer_slots: bool = True) -> None:
+        """``optimizer_slots=False``: a reference that is only evaluated (its Adam m/v are never
+        initialised, no memory for them; ``step`` and ``optimizer_state`` fail)."""
         from reference_tf import require_tensorflow
 
         require_tensorflow()
@@ -146,8 +165,12 @@ class TFReferenceDPSOM:
 
         self.name = "tf-reference" if dtype == "float32" else f"tf-reference-{dtype}"
         self.config = config
-        self.model = DPSOM(config, dtype=dtype)
+        self.model = DPSOM(config, dtype=dtype, optimizer_slots=optimizer_slots)
         self.trainer = Trainer(config, model=self.model)
+
+    def close(self) -> None:
+        """Close the session: its variables (weights, Adam slots) are freed; the side is unusable after."""
+        self.model.close()
 
     def get_weights(self) -> dict[str, np.ndarray]:
         return self.model.get_weights()

@@ -29,6 +29,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from harness.memory import as_zero_view
 from harness.protocols import Batch, Unsupported
 from harness.transplant import Row, TransplantError, canonical_to_torch, check_weights, load_table, torch_to_canonical
 
@@ -136,7 +137,11 @@ class TorchPortAdapter:
             for r in rows:
                 if name in gradients and r.torch_key in params:
                     params[r.torch_key].grad = self.t(canonical_to_torch(np.asarray(gradients[name]), r.torch_transform))
-        return self.optimizer_step(phase, lr_feed)
+        try:
+            return self.optimizer_step(phase, lr_feed)
+        finally:
+            for p in params.values():  # applied: not kept on the parameters (a copy of every weight)
+                p.grad = None
 
     # --- optimizer state (canonical) -------------------------------------------------------------
     def optimizer_for(self, phase: str | None):
@@ -171,11 +176,15 @@ class TorchPortAdapter:
         raise Unsupported(f"{type(self).__name__} cannot set its optimizer state")
 
     def optimizer_state(self, phase: str | None = None) -> dict[str, Any]:
+        """A snapshot: a slot whose canonical layout is a view of what ``_read_optimizer`` gave (the
+        optimizer's live tensor) is copied, so later steps do not change it; an all-zero one (before
+        the first step) is a read-only zero-strided view instead (conv DPSOM: 0.5 GiB not copied)."""
         scalars, slots = self._read_optimizer(phase)
         out = dict(scalars)
         for r in self._full_rows():
             for slot, value in slots.get(r.torch_key, {}).items():
-                out[f"{r.canonical}/{slot}"] = torch_to_canonical(value, r.torch_transform)
+                c = as_zero_view(torch_to_canonical(value, r.torch_transform))
+                out[f"{r.canonical}/{slot}"] = c.copy() if np.may_share_memory(c, value) else c
         return out
 
     def set_optimizer_state(self, state: Mapping[str, Any], phase: str | None = None) -> None:

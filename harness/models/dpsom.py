@@ -62,6 +62,12 @@ class DPSOMSpec(ModelSpec):
 
         return TFReferenceDPSOM(cfg, dtype)
 
+    def make_evaluation_reference(self, cfg: Any, dtype: str = "float64") -> ReferenceSide:
+        """The reference without its Adam slots initialised (2 x the weights less memory)."""
+        from harness.adapters.dpsom import TFReferenceDPSOM
+
+        return TFReferenceDPSOM(cfg, dtype, optimizer_slots=False)
+
     def make_port(self, cfg: Any, dtype: str = "float32", device: str = "cpu") -> PortSide:
         from harness.adapters.dpsom import TorchDPSOM
 

@@ -64,6 +64,8 @@ tfd = tfp.distributions
 layers_v1 = tf.compat.v1.keras.layers  # the original's ``tf.keras`` with ``tf = tensorflow.compat.v1``
 layers_v2 = tf.keras.layers  # the original's ``from tensorflow.keras.layers import ...``
 
+WRITE_CHUNK_BYTES = 64 << 20  # set_weights / set_optimizer_state: fed values per session.run (see _write)
+
 LOSS_KEYS = (
     "loss.elbo.nll", "loss.elbo.kl", "loss.elbo", "loss.kl_pq", "loss.som", "loss.total",
     "loss.som_init.commit", "loss.som_init.som", "loss.som_init",
@@ -108,9 +110,12 @@ class DPSOM:
     fed the sample (``is_training = True``, ``z_e`` placeholder fed zeros, as ``DPSOM.py`` does).
     """
 
-    def __init__(self, config: DPSOMConfig, seed: int | None = None, dtype: str = "float32"):
+    def __init__(self, config: DPSOMConfig, seed: int | None = None, dtype: str = "float32", optimizer_slots: bool = True):
         """``dtype="float64"`` builds the same graph in double precision (Keras floatx, placeholders,
-        ε, embeddings): the harness's rounding-free comparison. float32 is the original."""
+        ε, embeddings): the harness's rounding-free comparison. float32 is the original.
+        ``optimizer_slots=False`` leaves the Adam m/v variables uninitialised (no memory: 2 x the
+        weights), for a model that is only evaluated: no train op may run and the optimizer state
+        cannot be read or written. The graph, and every other variable, is the same."""
         deviations = {k: getattr(config, k) for k, v in (("bn_mode", "frozen_affine"), ("bn_order", "after_activation"),
                       ("dropout_active", False)) if getattr(config, k) != v}
         if deviations:
@@ -131,7 +136,13 @@ class DPSOM:
         finally:
             tf.keras.backend.set_floatx(floatx)
         self.session = tf.compat.v1.Session(graph=self.graph)
-        self.session.run(self._init_op)
+        if optimizer_slots:
+            self.session.run(self._init_op)
+        else:
+            slots = {v for k, v in self._optim_vars.items() if k.endswith(("/adam_m", "/adam_v"))}
+            with self.graph.as_default():
+                init = tf.compat.v1.variables_initializer([var for name, var in self._vars.items() if name not in slots])
+            self.session.run(init)
 
     # ------------------------------------------------------------------------------------------
     # graph construction, in the original's order (DPSOM.__init__ touches its lazy properties)
@@ -434,10 +445,17 @@ class DPSOM:
 
         shapes = {key: tuple(self._vars[var_name].shape.as_list()) for key, var_name in names.items()}
         check_weights(given, shapes, where=where)
-        feed, ops = {}, []
+        # Assigned in runs of at most WRITE_CHUNK_BYTES fed: an assign holds the fed value and the
+        # variable's buffer at once, so one run of everything would hold the whole state twice
+        # (conv: the posterior head's Adam slots, 0.5 GiB, measured at the peak of the quick tier).
+        feed, ops, size = {}, [], 0
         for key, var_name in names.items():
             ph, op = self._assign[var_name]
-            feed[ph] = np.asarray(given[key], dtype=ph.dtype.as_numpy_dtype)
+            value = np.asarray(given[key], dtype=ph.dtype.as_numpy_dtype)
+            if ops and size + value.nbytes > WRITE_CHUNK_BYTES:
+                self.session.run(ops, feed)
+                feed, ops, size = {}, [], 0
+            feed[ph], size = value, size + value.nbytes
             ops.append(op)
         self.session.run(ops, feed)
 
