@@ -148,6 +148,34 @@ def _measure(label: str, side: Any, batch: Mapping[str, np.ndarray], probe: dict
 COLUMNS = ("layer", "side", "stats", "batch_dep", "updated", "eps", "momentum", "position", "dropout")
 
 
+def measure(label: str, side: Any, batch: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray], *,
+            probe_seed: int | None = 0, phase: str = "vae", lr_feed: float = 1e-3) -> list[dict[str, Any]]:
+    """One side's rows (see :func:`detect`), measured alone: the side's weights and optimizer state
+    are restored afterwards, so the sides of one table can be measured at different times."""
+    # an all-zero optimizer state (before any step: 2 x the weights) is saved as zero-strided views
+    saved, opt = side.get_weights(), zeros_as_views(side.optimizer_state())
+    try:
+        # a weight the shared set lacks (a partially mapped port's) keeps this side's own value
+        return _measure(label, side, batch, {**saved, **_probe(dict(weights), probe_seed)}, phase, lr_feed)
+    finally:
+        side.set_weights(saved)
+        side.set_optimizer_state(fresh(opt))
+        del saved, opt
+        release()  # what the side's step left in the C heap, before the next side
+
+
+def table(rows: Sequence[dict[str, Any]], labels: Sequence[str]) -> pd.DataFrame:
+    """The detector's table from :func:`measure`'s rows: one row per (BN layer, side), sides adjacent
+    in the order of ``labels``."""
+    out = pd.DataFrame(list(rows), columns=list(COLUMNS))
+    if out.empty:
+        return out
+    rank_layer = {name: i for i, name in enumerate(dict.fromkeys(out["layer"]))}
+    rank_side = {label: i for i, label in enumerate(labels)}
+    ranks = out["layer"].map(rank_layer) * len(labels) + out["side"].map(rank_side)
+    return out.iloc[np.argsort(ranks.to_numpy(), kind="stable")].reset_index(drop=True)
+
+
 def detect(sides: Mapping[str, Any] | Sequence[Any], batch: Mapping[str, np.ndarray], *,
            weights: dict[str, np.ndarray] | None = None, probe_seed: int | None = 0, phase: str = "vae",
            lr_feed: float = 1e-3) -> pd.DataFrame:
@@ -163,26 +191,10 @@ def detect(sides: Mapping[str, Any] | Sequence[Any], batch: Mapping[str, np.ndar
     named = dict(sides) if isinstance(sides, Mapping) else {s.name: s for s in sides}
     if len(named) < (len(sides) if not isinstance(sides, Mapping) else 1):
         raise ValueError("two sides share a name; pass {label: side}")
-    base = _probe(dict(weights if weights is not None else next(iter(named.values())).get_weights()), probe_seed)
-    rows = []
-    for label, side in named.items():
-        # an all-zero optimizer state (before any step: 2 x the weights) is saved as zero-strided views
-        saved, opt = side.get_weights(), zeros_as_views(side.optimizer_state())
-        try:
-            # a weight the shared set lacks (a partially mapped port's) keeps this side's own value
-            rows += _measure(label, side, batch, {**saved, **base}, phase, lr_feed)
-        finally:
-            side.set_weights(saved)
-            side.set_optimizer_state(fresh(opt))
-            del saved, opt
-            release()  # what the side's step left in the C heap (TF conv: 0.5 GiB), before the next side
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
-    if table.empty:
-        return table
-    rank_layer = {name: i for i, name in enumerate(dict.fromkeys(table["layer"]))}
-    rank_side = {label: i for i, label in enumerate(named)}
-    ranks = table["layer"].map(rank_layer) * len(named) + table["side"].map(rank_side)
-    return table.iloc[np.argsort(ranks.to_numpy(), kind="stable")].reset_index(drop=True)
+    weights = weights if weights is not None else next(iter(named.values())).get_weights()
+    rows = [row for label, side in named.items()
+            for row in measure(label, side, batch, weights, probe_seed=probe_seed, phase=phase, lr_feed=lr_feed)]
+    return table(rows, list(named))
 
 
 def _equal(prop: str, values: list[Any]) -> bool:

@@ -35,6 +35,7 @@ from harness.spec import ModelSpec
 INITS = ("pcg64", "native")  # initial weights: drawn by the harness (numpy PCG64), or the reference's own
 LR_PROBE_STEPS = (0, 1, 999, 1000, 1001, 4999, 5000, 10000)
 TIERS = ("T0", "T1", "T2", "T3")
+REFERENCE, PORT = "tf-reference", "torch-port"  # the sides' labels in the BatchNorm detector's table
 MakePort = Callable[[Any, str], PortSide]
 
 
@@ -121,6 +122,8 @@ class QuickTier:
         # per phase: the reference's step record, the gradients it applied, its weights and optimizer state
         # after the step, its forward before it (at the previous steps' weights; None for the first phase)
         self._steps: list[tuple] | None = None
+        self._checkpoint: Mapping | None = None  # T1: the reference's checkpoint as the spec's reader gives it
+        self._bn_reference: list | Unsupported | None = None  # T0: the reference's rows of the BatchNorm detector
         self.constants = spec.constants(cfg)
 
     def _ref(self, key: str, spill: Spill | None = None) -> tuple[Mapping, dict]:
@@ -172,8 +175,15 @@ class QuickTier:
         spill = Spill()
         try:
             self._reference32(spill, lap)
-            ref.set_weights(self.weights0)
-            ref.set_optimizer_state(fresh(self.optimizer0))
+            if self.cache:
+                ref.set_weights(self.weights0)
+                ref.set_optimizer_state(fresh(self.optimizer0))
+            else:  # T0 / T1 never step the reference (its detector rows and checkpoint are taken): one without Adam slots
+                self._release_reference()
+                self._release()
+                self._stage("reference float32: build without optimizer state")
+                ref = self.ref = spec.make_evaluation_reference(cfg, "float32")
+                ref.set_weights(self.weights0)
             self._release()
             self._stage("port float32: build")
             try:
@@ -218,7 +228,7 @@ class QuickTier:
             if not self.cache:
                 self._ref_cache.clear()
                 self._ref64_cache.clear()
-                self._steps = None
+                self._steps = self._checkpoint = self._bn_reference = None
             self._release()
         engine.confirm_kinks_in_float64(sections)
         return self._report(sections, floors_, t0)
@@ -260,6 +270,7 @@ class QuickTier:
             return
         ref.set_weights(self.weights0)
         ref.set_optimizer_state(fresh(self.optimizer0))
+        self._reference_alone(spill)
         self._ref("forward", spill)
         for probe in spec.probes:
             ref.set_weights(probe.weights(self.weights0))
@@ -283,6 +294,30 @@ class QuickTier:
         self._steps = steps
         if not self.cache:
             self._port_born_weights(spill)
+
+    def _reference_alone(self, spill: Spill) -> None:
+        """What T0 and T1 need from the stepping reference, taken before any port exists: its rows of
+        the BatchNorm detector (it makes an optimizer step; weights and state are restored) and its
+        checkpoint in the original's format, read back through the spec's reader (the port loads it
+        in T1). T0 / T1 then run with a reference that cannot step (no optimizer state in memory)."""
+        from harness.bn_detector import measure
+
+        spec, ref = self.spec, self.ref
+        self._bn_reference = None
+        if spec.has_batchnorm:
+            self._stage("T0 BatchNorm detector: reference")
+            try:
+                self._bn_reference = measure(REFERENCE, ref, self._small(), self.weights0)
+            except Unsupported as err:
+                self._bn_reference = err
+        self._stage("T1 checkpoint: reference writes, spec reads")
+        with tempfile.TemporaryDirectory() as tmp:
+            where = ref.save_checkpoint(f"{tmp}/ckpt")
+            self._checkpoint = self._keep(spill, "T1 checkpoint", spec.read_original_checkpoint(where, self.config))
+
+    def _small(self) -> dict[str, np.ndarray]:
+        """T0's batch: the first 8 samples."""
+        return {k: v[:8] for k, v in self.batch.items()}
 
     # --- T2 / T3: the float32 port --------------------------------------------------------------------
     def _float32(self, port, weights0: Mapping, spill: Spill, sections: dict, lap) -> dict[str, str]:
@@ -442,6 +477,16 @@ class QuickTier:
             self._release()
         for i, ph in enumerate(spec.phases):
             name = f"T3 gradients of {ph.loss}"
+            if i:  # built again at the weights its steps left, its optimizer state on disk until its next step:
+                # the gradients and floors at the post-step weights then run without the Adam slots in memory
+                # (conv float64: 1 GiB). A port's gradients are a function of its (mapped) weights.
+                spill.put(f"port64 weights {i}", port64.get_weights())
+                spill.put(f"port64 optimizer {i}", port64.optimizer_state(ph.name))
+                del port64
+                self._release()
+                self._stage("port float64: build again at the post-step weights")
+                port64 = make_port(self.config, "float64")
+                port64.set_weights(spill.get(f"port64 weights {i}", copy=True))
             finish(name, spill.get(f"port64 {ph.loss}") if i == 0 else port64.gradients(ph.loss, batch))
             if i == 0:
                 sections[name] = engine.explain_by_kinks(sections[name], kinks, order)
@@ -452,6 +497,8 @@ class QuickTier:
                 sections[name] = engine.explain_by_kinks(sections[name], now, order, "at the post-step weights")
             self._release()
             self._stage(f"port float64 step {ph.name}")
+            if i:
+                port64.set_optimizer_state(spill.get(f"port64 optimizer {i}", copy=True), ph.name)
             port64.apply_gradients(ph.name, for_side(self._steps[i][1]), ph.lr_feed)
             for j, (what, get) in enumerate((("weights", lambda s: s.get_weights()), ("optimizer", lambda s, phase=ph.name: s.optimizer_state(phase)))):
                 name = f"T3 step {ph.name}: {what}"
@@ -471,20 +518,20 @@ class QuickTier:
     def _t0(self, port, sections: dict) -> None:
         """What each side executes, measured where possible (BatchNorm and dropout by the detector,
         the LR schedule probed per phase), diffed against the deviation registry."""
-        from harness.bn_detector import detect
+        from harness.bn_detector import measure, table
         from harness.executed import diff, executed, per_phase
 
-        ref, spec = self.ref, self.spec
-        small = {k: v[:8] for k, v in self.batch.items()}
+        ref, spec, small = self.ref, self.spec, self._small()
         self.batchnorm = None
         if spec.has_batchnorm:
             try:
-                self.batchnorm = detect({"tf-reference": ref, "torch-port": port}, small,
-                                        weights={k: v for k, v in self.weights0.items() if k not in getattr(port, "absent", ())})
+                if isinstance(self._bn_reference, Unsupported):
+                    raise self._bn_reference
+                self.batchnorm = table(self._bn_reference + measure(PORT, port, small, self.weights0), [REFERENCE, PORT])
             except Unsupported as err:
                 sections["T0 BatchNorm detector"] = [skipped("trace", str(err))]
-        sections["T0 config as executed"] = diff(executed(ref, small, self.batchnorm, "tf-reference", spec),
-                                                 executed(port, small, self.batchnorm, "torch-port", spec), self.registry)
+        sections["T0 config as executed"] = diff(executed(ref, small, self.batchnorm, REFERENCE, spec),
+                                                 executed(port, small, self.batchnorm, PORT, spec), self.registry)
         probe = [{ph.name: {f"lr@{s}": np.float32(side.learning_rate_at(ph.name, 1.0, s)) for s in LR_PROBE_STEPS} for ph in spec.phases}
                  for side in (ref, port)]
         sections["T0 learning-rate schedule"] = judge(*per_phase(*probe), {}, 1.0, constants=self.constants)
@@ -502,6 +549,7 @@ class QuickTier:
         back = port.get_weights()
         sections["T1 weights (transplant)"] = [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in mapped.items()] + [
             structural(k, "no counterpart in the port (partial mapping)") for k in self.weights0 if k in absent]
+        del back, mapped
         sections["T1 torch -> TF -> torch"] = self._round_trip_from_port(port, absent, spill)
         sections["T1 original checkpoint -> torch"] = self._original_checkpoint(port, absent)
         return True
@@ -540,12 +588,9 @@ class QuickTier:
 
     def _original_checkpoint(self, port, absent: frozenset) -> list[Comparison]:
         """A checkpoint in the original code's format and names, written by the reference's saver
-        (``save_checkpoint``) and read through the spec's reader, loaded into the port."""
-        with tempfile.TemporaryDirectory() as tmp:
-            where = self.ref.save_checkpoint(f"{tmp}/ckpt")
-            weights = self.spec.read_original_checkpoint(where, self.config)
-        port.set_weights(weights)
-        del weights
+        (``save_checkpoint``) at the initial weights and read through the spec's reader
+        (:meth:`_reference_alone`), loaded into the port."""
+        port.set_weights(self._checkpoint)
         back = port.get_weights()
         return [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in self.weights0.items() if k not in absent]
 

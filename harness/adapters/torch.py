@@ -120,7 +120,14 @@ class TorchPortAdapter:
             for p in params.values():
                 p.grad = None
             self.loss_tensor(loss, batch).backward()
-        out = self.applied_gradients()
+        out, rows = {}, list(self._full_rows())
+        last = {r.torch_key: i for i, r in enumerate(rows)}
+        for i, r in enumerate(rows):  # each .grad dropped once converted: never a parameter's grad twice in memory
+            p = params.get(r.torch_key)
+            if p is not None and p.grad is not None:
+                out[r.canonical] = torch_to_canonical(self.numpy(p.grad), r.torch_transform)
+                if last[r.torch_key] == i:
+                    p.grad = None
         for p in params.values():
             p.grad = None
         return out

@@ -64,12 +64,32 @@ class TF1Adam:
         # TF's β are float32 tensors: 1 - 0.999f = 0.00099998713, not 0.001 (1.3e-5 relative in v).
         betas = (float(self.beta1), float(self.beta2))
         self._adam = torch.optim.Adam(params, lr=1e-3, betas=betas, eps=epsilon, fused=True)
-        for p in params:  # pre-initialised, so a parameter first trained late still uses the global t
-            self._adam.state[p] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
-        self.m = {n: self._adam.state[p]["exp_avg"] for n, p in self.params.items()}
-        self.v = {n: self._adam.state[p]["exp_avg_sq"] for n, p in self.params.items()}
+        self._m: dict[str, Tensor] | None = None  # the slots, created on first use (see ``m``)
+        self._v: dict[str, Tensor] | None = None
         self.beta1_power, self.beta2_power = F32(beta1), F32(beta2)  # TF's float32 accumulators start at β
         self.global_step = 0
+
+    def _slots(self) -> None:
+        """Every parameter's zero m/v at once (so a parameter first trained late still uses the global
+        t), created on first use: a model that is only evaluated never holds 2x its weights in them."""
+        if self._m is not None:
+            return
+        for p in self.params.values():
+            self._adam.state[p] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        self._m = {n: self._adam.state[p]["exp_avg"] for n, p in self.params.items()}
+        self._v = {n: self._adam.state[p]["exp_avg_sq"] for n, p in self.params.items()}
+
+    @property
+    def m(self) -> dict[str, Tensor]:
+        """First-moment slots by parameter name (TF's ``<var>/Adam``), live tensors."""
+        self._slots()
+        return self._m
+
+    @property
+    def v(self) -> dict[str, Tensor]:
+        """Second-moment slots by parameter name (TF's ``<var>/Adam_1``), live tensors."""
+        self._slots()
+        return self._v
 
     def zero_grad(self) -> None:
         for p in self.params.values():
@@ -82,6 +102,7 @@ class TF1Adam:
         Parameters whose ``grad`` is None are skipped entirely, like TF's None gradients.
         """
         t = self.global_step + 1
+        self._slots()
         for p in self.params.values():
             if p.grad is not None:
                 self._adam.state[p]["step"].fill_(t - 1)  # Adam increments it to t
