@@ -442,6 +442,9 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
         random = [k for k in shapes if rules[k].kind != "constant"]
         n_tests = TESTS_PER_WEIGHT * len(random) + 3 * len(pooled_families(rules))
         n_draws = draws or choose_draws(shapes, rules, sample_cap, alpha / max(1, n_tests))
+        powers = [_powers(rules[k], shapes[k], min(int(np.prod(shapes[k])), sample_cap) * n_draws, alpha / max(1, n_tests))
+                  for k in random]
+        least = {kind: min((p[kind] for p in powers if kind in p), default=float("nan")) for kind in sorted({k for p in powers for k in p})}
         rng = np.random.Generator(np.random.PCG64([seed, SECTIONS.index(section)]))
         accs[label] = collect(side, spec.initialisers, n_draws, sample_cap, rng, first)
         del first
@@ -452,7 +455,9 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
         if notes is not None:
             notes[section] = (f"{n_draws} draws of initial_weights(); sd and KS on at most {sample_cap} elements "
                               f"per tensor and draw, support and mass at the bound on every element; {n_tests} tests at "
-                              f"{alpha:g} / {n_tests} each (family-wise {alpha:g}); {time.perf_counter() - t0:.1f} s")
+                              f"{alpha:g} / {n_tests} each (family-wise {alpha:g}); least power over the weights (closed form, "
+                              f"target {POWER_TARGET}): " + ", ".join(f"{k} {v:.4f}" for k, v in least.items())
+                              + f"; {time.perf_counter() - t0:.1f} s")
     if len(accs) == 2:
         sections[SECTIONS[2]] = judge_pair(accs["reference"], accs["port"], alpha)
         if notes is not None:

@@ -91,6 +91,16 @@ def test_closest_mistake_names_each_planted_law():
     assert ti.closest_mistake(rng.standard_normal(20000), "truncated_normal", (8, 8, 100), 0.05)[0] == "untruncated normal"
 
 
+def test_the_tier_and_the_harness_draw_read_one_rule_table(monkeypatch):
+    import harness.init
+
+    spec, shapes = get_spec("dpsom"), {"encoder.fc1.kernel": (4, 3), "som.embeddings": (2, 2, 3)}
+    assert spec.initialisers(shapes)["encoder.fc1.kernel"].keras == "glorot_uniform"
+    monkeypatch.setattr(harness.init, "RULES", (("*.kernel", "ones"), *harness.init.RULES))
+    assert spec.initialisers(shapes)["encoder.fc1.kernel"].keras == "ones"
+    assert (spec.draw_weights(shapes, np.random.Generator(np.random.PCG64(0)))["encoder.fc1.kernel"] == 1).all()
+
+
 def test_choose_draws_reaches_the_power_target():
     spec = get_spec("dpsom")
     cfg = spec.get_config("dense")
@@ -125,8 +135,11 @@ PLANTED = {"som.embeddings": ("clamped normal at ±2 sd", "at bound"),
            "encoder.fc2.kernel": ("Glorot normal, untruncated (nn.init.xavier_normal_)", "support")}
 
 
+notes: dict[str, str] = {}
+
+
 def _port_section(make_port=None) -> list:
-    sections = ti.run(get_spec("dpsom"), "dense", sides=("port",), make_port=make_port)
+    sections = ti.run(get_spec("dpsom"), "dense", sides=("port",), make_port=make_port, notes=notes)
     assert list(sections) == ["I initialisers: port"]
     return sections["I initialisers: port"]
 
@@ -138,6 +151,8 @@ def test_faithful_port_passes_every_row():
     assert emb.tolerance == pytest.approx(2 * SD) and emb.max_abs <= emb.tolerance * (1 + ti.SUPPORT_SLACK)
     assert emb.floor == pytest.approx(SD * 0.8796256610, rel=1e-9)  # the truncated normal's sd
     assert "power at level" in emb.note and "KS vs clamped normal at ±2 sd 1.0000" in emb.note
+    assert "least power over the weights" in notes["I initialisers: port"]
+    assert "KS vs clamped normal at ±2 sd 1.0000" in notes["I initialisers: port"]
 
 
 def test_planted_initialiser_bugs_fail_at_their_rows_with_the_mistake_named():
