@@ -64,6 +64,7 @@ from scipy import stats
 
 from harness.compare import Comparison, compare_exact, format_table
 from harness.engine import skipped
+from harness.init import TRUNCATION_SDS as CUT  # the truncated normal's bound in sd
 from harness.protocols import Unsupported
 from harness.spec import ModelSpec
 
@@ -73,13 +74,12 @@ DRAWS_MIN, DRAWS_MAX = 8, 64
 SAMPLE_CAP = 4096  # elements per tensor and draw entering sd and KS (support and mass at the bound use all)
 WINDOW = 1e-3  # "at the bound": |w| >= bound (1 - WINDOW)
 SUPPORT_SLACK = 1e-6  # float32 rounding of the bound (a few ulp: uniform's min + (max - min) u, normal x sd)
-# A float32 uniform takes 2^23 levels of u in [0, 1) (TF and torch), so w = -l + 2 l u never comes
-# closer to l than 2^-22 l: the approach test counts that close as reaching the bound. (Measured,
-# conv posterior head, 8 x 64.6 M draws: max |w| / l = 1 - 4.8e-8 on both sides, which a continuous
+# TF's float32 uniform takes 2^23 levels of u in [0, 1), so w = -l + 2 l u never comes closer to l
+# than 2^-22 l: the approach test counts that close as reaching the bound. (Measured, conv posterior
+# head, 8 x 64.6 M draws: max |w| / l = 1 - 4.8e-8 on both sides, TF and torch, which a continuous
 # law calls p = 1.7e-11.)
 RESOLUTION = 2.0 ** -22
 SECTIONS = ("I initialisers: reference", "I initialisers: port", "I initialisers: reference vs port (two-sample KS)")
-CUT = 2.0  # truncated normal's bound in sd (harness.init.TRUNCATION_SDS)
 
 
 # --- the laws, standardised --------------------------------------------------------------------

@@ -170,6 +170,19 @@ def test_planted_initialiser_bugs_fail_at_their_rows_with_the_mistake_named():
     assert rows["[glorot_uniform, pooled]"].verdict == "FAIL"  # two of its weights are not Glorot-uniform
 
 
+def test_port_draws_are_fresh_reproducible_and_leave_torch_alone():
+    cfg = get_spec("dpsom").get_config("tiny-dense")
+    port = TorchDPSOM(cfg)
+    before, state = port.get_weights(), torch.random.get_rng_state()
+    a, b = port.initial_weights(), port.initial_weights()
+    assert torch.equal(torch.random.get_rng_state(), state)  # torch's global stream untouched
+    assert list(a) == list(before) and all(a[k].shape == before[k].shape for k in a)
+    assert not np.array_equal(a["som.embeddings"], b["som.embeddings"]) and not np.array_equal(a["encoder.fc1.kernel"], b["encoder.fc1.kernel"])
+    assert all(port.get_weights()[k].tobytes() == v.tobytes() for k, v in before.items())
+    again = TorchDPSOM(cfg).initial_weights()  # the same noise seed: the same first draw
+    assert all(np.array_equal(again[k], a[k]) for k in a)
+
+
 def test_a_side_without_the_capability_is_skipped():
     import sys
     from pathlib import Path
