@@ -246,7 +246,14 @@ def test_conv_pair_passes():
     assert {r.name for r in sections[ti.SECTIONS[2]]} >= {"decoder.deconv1.kernel", "posterior.head.kernel", "som.embeddings"}
 
 
-def test_cli_help_and_exit_status(capsys):
+def test_cli_help_and_exit_status(capsys, monkeypatch):
     with pytest.raises(SystemExit) as ex:
         ti.main(["--help"])
     assert ex.value.code == 0 and "two-sample KS" in capsys.readouterr().out
+    from harness.engine import skipped
+
+    fail = ti.Comparison("som.embeddings", (8, 8, 100), 0.1, 1.0, 0.05, (), 0.044, 2.27, 0.1, "FAIL", "planted")
+    for rows, code in (([skipped("initial_weights", "none")], 0), ([fail], 1)):
+        monkeypatch.setattr(ti, "run", lambda *a, rows=rows, **k: {ti.SECTIONS[1]: rows})
+        assert ti.main(["--side", "port"]) == code
+    assert "verdict: FAIL" in capsys.readouterr().out
