@@ -74,6 +74,13 @@ class ReferenceSide(Protocol):
     def save_checkpoint(self, path: str) -> str:
         """Write a checkpoint in the original code's format and names; returns what to read it back from."""
 
+    def initial_weights(self) -> Arrays:
+        """Optional: a fresh draw of every weight from the side's OWN initialisers, canonical names and
+        layout; each call a new, independent draw; the side's current weights are left untouched.
+
+        The native-initialiser tier (harness/tier_init.py) draws it many times and tests it against
+        the spec's distributions; a side without it raises :class:`Unsupported` (SKIPPED)."""
+
 
 @runtime_checkable
 class PortSide(ReferenceSide, Protocol):

@@ -140,6 +140,15 @@ class ModelSpec:
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
 
+    # --- native initialisers (harness/tier_init.py) ------------------------------------------------
+    def initialisers(self, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
+        """Per canonical weight, the original's initial distribution (a :class:`harness.init.Initialiser`):
+        the SAME rule table :meth:`draw_weights` draws from (default: Keras' by role, harness/init.py;
+        a model that overrides :meth:`draw_weights` with other rules overrides this too)."""
+        from harness.init import initialisers
+
+        return initialisers(dict(shapes))
+
 
 def models() -> dict[str, ModelSpec]:
     """Every model spec under ``harness/models/`` (one module each, defining ``SPEC``)."""

@@ -150,6 +150,12 @@ class TorchDPSOM(TorchPortAdapter):
             hook.remove()
         return {**seen, **{k: v for k, v in traced.items() if k.endswith(".input")}}
 
+    def fresh_module(self):
+        """A new ``ports.dpsom.model.DPSOM``: its constructor is the port's own initialisation."""
+        from ports.dpsom.model import DPSOM
+
+        return DPSOM(self.config)
+
 
 class TFReferenceDPSOM:
     """``reference_tf.dpsom`` (tf.compat.v1 graph in its own tf.Graph)."""
@@ -239,3 +245,13 @@ class TFReferenceDPSOM:
         f32 = lambda v: float(np.float32(v))  # noqa: E731
         return {"beta1": f32(opt._beta1), "beta2": f32(opt._beta2), "epsilon": f32(opt._epsilon),  # noqa: SLF001
                 "epsilon_placement": "before bias correction (TF1)"}
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        """Every weight's ``initial_value`` (the tensor its initializer assigns), evaluated without
+        assigning: each run advances the graph's stateful random ops (seeded from the graph seed), so
+        call k gives the (k+1)-th draw of a session (the first initialised the model's weights)."""
+        m = self.model
+        if not hasattr(self, "_initial_values"):
+            with m.graph.as_default():
+                self._initial_values = {c: m._vars[v].initial_value for c, v in m._weight_rows.items()}  # noqa: SLF001
+        return m.session.run(self._initial_values)

@@ -265,3 +265,27 @@ class TorchPortAdapter:
 
     def forward_isolated(self, batch: Batch, teacher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise Unsupported(f"{type(self).__name__} cannot feed its layers another side's inputs")
+
+    # --- the port's own initialisers (harness/tier_init.py) ---------------------------------------
+    def fresh_module(self) -> Any:
+        """A new instance of the port's module, initialised by the port's own code (its constructor),
+        drawing from torch's global generator. There is no generic way: ``reset_parameters()`` runs
+        torch's defaults, which a port that re-initialises after construction (Keras' Glorot-uniform on
+        an ``nn.Linear``) does not use; a subclass that can build its module says how."""
+        raise Unsupported(f"{type(self).__name__} does not provide fresh_module() (a new module from the port's own initialisers)")
+
+    _initial_draws = 0
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        """A fresh module's weights, canonical (:meth:`fresh_module`). Draw k uses torch's generator
+        seeded from (noise seed, k) inside ``fork_rng``: every call a new, independent, reproducible
+        draw, and torch's global stream is left as it was."""
+        torch = self._torch
+        self._initial_draws += 1
+        seed = int(np.random.SeedSequence([self._noise_seed, 0x1417, self._initial_draws]).generate_state(1)[0])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            module = self.fresh_module()
+        state = module.state_dict()
+        del module
+        return {r.canonical: torch_to_canonical(self.numpy(state[r.torch_key]), r.torch_transform) for r in self._full_rows()}

@@ -128,3 +128,8 @@ class NumpyReference:
         """The 'original format' of the toy: one .npz in canonical names."""
         np.savez(f"{path}.npz", **self.w)
         return f"{path}.npz"
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        from harness.protocols import Unsupported
+
+        raise Unsupported("the toy reference's own initialisation (U(-0.5, 0.5) from one fixed stream) is not redrawn")
