@@ -258,3 +258,7 @@ class TorchPortAdapter:
 
     def forward_isolated(self, batch: Batch, teacher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise Unsupported(f"{type(self).__name__} cannot feed its layers another side's inputs")
+
+    def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> dict[str, np.ndarray]:
+        """The port's own data path (data tier); a port that has none to offer raises Unsupported."""
+        raise Unsupported(f"{type(self).__name__} does not provide prepare_data() (its own data path)")
