@@ -211,39 +211,41 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
     before = {k: sha256(v) for k, v in arrays.items()}  # exact bytes: a side writing into its copy shows
     reference = (make_reference or spec.make_data_reference)(cfg)
     port = (make_port or spec.make_port)(cfg, "float32")
-    given: dict[str, list[dict[str, np.ndarray]]] = {"reference": [], "port": []}
+    changed: dict[str, set[str]] = {k: set() for k in RAW_KEYS}  # raw key -> the sides that wrote into their copy
 
-    def fed(side: str) -> dict[str, np.ndarray]:
+    def prepared(side: str, fn: Callable[..., Mapping[str, np.ndarray]], validation: bool) -> dict[str, np.ndarray] | _Failed:
         copy = {k: np.array(v) for k, v in arrays.items()}  # writable, and each side its own
-        given[side].append(copy)
-        return copy
+        out = _produce("prepare_data", fn, copy, validation)
+        for k, v in copy.items():
+            if sha256(v) != before[k]:
+                changed[k].add(side)
+        return out
 
     sections: dict[str, list[Comparison]] = {}
     for validation in validations:
-        ref = _produce("prepare_data", reference.prepare_data, fed("reference"), validation)
-        prt = _produce("prepare_data", port.prepare_data, fed("port"), validation)
+        ref = prepared("reference", reference.prepare_data, validation)
+        prt = prepared("port", port.prepare_data, validation)
         rule = _produce("data_rule", spec.data_rule, {k: np.array(v) for k, v in arrays.items()}, cfg, validation)
         pairs = ((ref, prt, ("reference", "port")), (ref, rule, ("reference", "original rule")), (prt, rule, ("port", "original rule")))
         for base, (a, b, labels) in zip(SECTIONS, pairs):
             sections[section_name(base, validation)] = _section(a, b, labels)
-    sections[RAW_SECTION] = _raw_rows(raw, arrays, before, given)
-    return {RAW_SECTION: sections.pop(RAW_SECTION), **sections}
+        del ref, prt, rule, pairs  # one flag's arrays at a time
+    return {RAW_SECTION: _raw_rows(raw, arrays, changed), **sections}
 
 
-def _raw_rows(raw: Any, arrays: Mapping[str, np.ndarray], before: Mapping[str, str],
-              given: Mapping[str, list[dict[str, np.ndarray]]]) -> list[Comparison]:
+def _raw_rows(raw: Any, arrays: Mapping[str, np.ndarray], changed: Mapping[str, set[str]]) -> list[Comparison]:
     from harness.data import ARRAY_SHA256
 
     pinned = ARRAY_SHA256.get(raw.name, {})
     rows = []
     for k, a in arrays.items():
-        changed = [side for side, copies in given.items() if any(sha256(c[k]) != before[k] for c in copies)]
+        changed_by = sorted(changed[k])
         known, content = pinned.get(k), raw.hashes[k]  # the data set's identity: uint8 bytes (labels as uint8 too)
         status = "matches the pinned hash" if known == content else ("no pinned hash" if known is None else f"pinned {known}")
         note = f"{raw.name}: sha256 {content} ({status}); {raw.source}"
-        ok = not changed and (known is None or known == content)
-        if changed:
-            note = f"modified in place by {' and '.join(changed)}'s prepare_data; {note}"
+        ok = not changed_by and (known is None or known == content)
+        if changed_by:
+            note = f"modified in place by {' and '.join(changed_by)}'s prepare_data; {note}"
         rows.append(Comparison(f"raw.{k}", tuple(a.shape), 0.0, 0.0, 0.0, (), 0.0, 0.0, 0.0, "PASS" if ok else "FAIL", note))
     return rows
 

@@ -385,3 +385,24 @@ def test_cli_prints_sections_and_exit_status(capsys, monkeypatch):
     with pytest.raises(SystemExit) as done:
         tier_data.main(["--config", "batch_size"])
     assert done.value.code == 2
+
+
+@pytest.mark.parametrize("dataset", ["digits", "MNIST"])
+def test_reference_train_main_gets_the_arrays_it_got_before(dataset):
+    """reference_tf.dpsom.train.main used to feed harness.data.dpsom_splits (float32); it now holds the
+    reference's own float64 arrays, which the placeholder casts to float32: the same bytes fed."""
+    from harness.data import DataNotFoundError, dpsom_splits
+    from harness.data import load_raw as harness_load
+    from reference_tf.dpsom.data import load_dpsom_data
+
+    try:
+        before = [dpsom_splits(harness_load(dataset, download=False), v) for v in (False, True)]
+    except DataNotFoundError:
+        pytest.skip(f"{dataset} not found offline (set PARITY_DATA_DIR)")
+    for validation, want in zip((False, True), before):
+        got = load_dpsom_data(dataset, None, validation)
+        assert got.x_train.dtype == np.float64 and (got.val_set, got.eval_set) == (want.val_set, want.eval_set)
+        for key in ("x_train", "y_train", "x_val", "y_val", "x_eval", "y_eval"):
+            a, b = np.asarray(getattr(got, key)), getattr(want, key)
+            a = a.astype(np.float32) if a.dtype.kind == "f" else a
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), (validation, key)

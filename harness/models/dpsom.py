@@ -166,7 +166,8 @@ class DPSOMSpec(ModelSpec):
 
         def fed(images: np.ndarray) -> np.ndarray:
             x = np.asarray(images).astype(np.float64)
-            return (x / x.max(axis=(1, 2), keepdims=True)).astype(np.float32)[..., None]
+            x /= x.max(axis=(1, 2), keepdims=True)
+            return x.astype(np.float32)[..., None]
 
         def in_order(n: int) -> np.ndarray:
             B = cfg.batch_size
