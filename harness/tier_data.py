@@ -24,7 +24,7 @@ or the share of rows that occur on both sides (another selection). A side withou
 raises ``Unsupported`` and its sections are one SKIPPED row with the reason; a spec without a
 ``data_rule`` gets its rule sections SKIPPED the same way.
 
-``python -m harness.tier_data --model dpsom --variant dense`` prints the sections; exit status 1
+``python -m harness.tier_data --model MODEL [--variant VARIANT]`` prints the sections; exit status 1
 on any FAIL.
 """
 
@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         description="Data tier: raw uint8 data through each side's own data path (prepare_data), every array "
                     "compared bit for bit between the sides and against the spec's rule of the original, "
                     "for validation=False and True. Exit status 1 on any FAIL.")
-    parser.add_argument("--model", default="dpsom", help="model spec name (default: dpsom)")
-    parser.add_argument("--variant", default="dense", help="the spec's variant (default: dense)")
+    parser.add_argument("--model", required=True, help="model spec name (harness/models/<name>.py)")
+    parser.add_argument("--variant", default=None, help="the spec's variant (default: its first default variant)")
     parser.add_argument("--dataset", default=None,
                         help="raw data set (harness.data names: MNIST, fMNIST, digits, synthetic); default: MNIST if found "
                              "offline, else digits")
@@ -275,7 +275,14 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             parser.error(f"--config {item!r}: expected KEY=VALUE")
         overrides[key] = value
-    sections = run(get_spec(args.model), args.variant, dataset=args.dataset, overrides=overrides)
+    try:
+        spec = get_spec(args.model)
+    except KeyError as err:
+        parser.error(str(err.args[0]))
+    variant = args.variant or (spec.default_variants or spec.variants)[0]
+    if variant not in spec.variants:
+        parser.error(f"--variant {variant!r}: {spec.name} has {', '.join(spec.variants)}")
+    sections = run(spec, variant, dataset=args.dataset, overrides=overrides)
     for name, rows in sections.items():
         print(f"\n== {name}")
         print(format_table(rows))

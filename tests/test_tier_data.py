@@ -60,11 +60,12 @@ def test_faithful_pair_is_bit_exact_everywhere(dense_report):
     assert tier_data.verdict(dense_report) == "PASS"
 
 
-def test_faithful_pair_sizes_follow_the_original(dense_report):
+def test_faithful_pair_sizes_follow_the_original(dense_report, record_property):
     """MNIST: 51 000 / 9 000 split, 170 batches per epoch (2 epochs = 340 rows), 33 test batches, 30
     val batches; 'digits' (1 498 pool / 299 test, batch 300): 1 273 train = 4 batches, no eval batch."""
     raw = _rows(dense_report, RAW_SECTION)
     dataset = raw["raw.x_train"].note.split(":")[0]
+    record_property("data_set", dataset)  # which data set the faithful pair ran on (junit XML)
     shape = lambda section, name: _rows(dense_report, section)[name].shape  # noqa: E731
     val_section = tier_data.section_name(REF_PORT, True)
     if dataset == "MNIST":
@@ -376,15 +377,18 @@ def test_a_side_that_raises_is_a_named_fail(monkeypatch):
 # --- CLI ------------------------------------------------------------------------------------------------
 
 def test_cli_prints_sections_and_exit_status(capsys, monkeypatch):
-    assert tier_data.main(["--variant", "tiny-dense", "--dataset", "digits"]) == 0
+    args = ["--model", "dpsom", "--variant", "tiny-dense", "--dataset", "digits"]
+    assert tier_data.main(args) == 0
     out = capsys.readouterr().out
     assert "== D data: reference vs port (validation=True)" in out and "verdict: PASS" in out
     _divide_by_255(monkeypatch)
-    assert tier_data.main(["--variant", "tiny-dense", "--dataset", "digits"]) == 1
+    assert tier_data.main(args) == 1
     assert "verdict: FAIL" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as done:
-        tier_data.main(["--config", "batch_size"])
-    assert done.value.code == 2
+    for bad, message in ((["--model", "dpsom", "--config", "batch_size"], "expected KEY=VALUE"),
+                         (["--model", "nosuch"], "unknown model 'nosuch'"), (["--model", "dpsom", "--variant", "big"], "dpsom has dense")):
+        with pytest.raises(SystemExit) as done:
+            tier_data.main(bad)
+        assert done.value.code == 2 and message in capsys.readouterr().err, bad
 
 
 @pytest.mark.parametrize("dataset", ["digits", "MNIST"])
