@@ -410,3 +410,17 @@ def test_reference_train_main_gets_the_arrays_it_got_before(dataset):
             a, b = np.asarray(getattr(got, key)), getattr(want, key)
             a = a.astype(np.float32) if a.dtype.kind == "f" else a
             assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes(), (validation, key)
+
+
+def test_data_modules_mirror_each_other_name_for_name():
+    """ports/dpsom and reference_tf/dpsom hold the same files; their data.py the same public names,
+    except the port's file-reading tables (the reference reads through harness.data.load_raw)."""
+    import ports.dpsom.data as pdata
+    import reference_tf.dpsom.data as rdata
+
+    files = lambda package: sorted(p.name for p in (REPO / package / "dpsom").glob("*.py"))  # noqa: E731
+    assert files("ports") == files("reference_tf")
+    public = lambda m: {k for k, v in vars(m).items() if not k.startswith("_") and not isinstance(v, type(m))  # noqa: E731
+                        and getattr(v, "__module__", m.__name__) == m.__name__}  # defined there (functions, classes, constants)
+    assert public(rdata) <= public(pdata)
+    assert public(pdata) - public(rdata) == {"IDX_FILES", "NPZ_KEYS", "LAYOUTS"}
