@@ -81,6 +81,22 @@ class ReferenceSide(Protocol):
         The native-initialiser tier (harness/tier_init.py) draws it many times and tests it against
         the spec's distributions; a side without it raises :class:`Unsupported` (SKIPPED)."""
 
+    def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> Arrays:
+        """Optional (data tier): the side's own data path on raw arrays, as its model is fed them.
+
+        ``raw``: ``x_train``, ``y_train``, ``x_test``, ``y_test`` as distributed (uint8 images,
+        integer labels; MNIST's 60k/10k or any smaller set of that form). Returns, by canonical name:
+        ``data.x_train``/``data.y_train`` (the training set, in the side's order), ``data.x_val``/
+        ``data.y_val`` (the stream logged during training), ``data.x_eval``/``data.y_eval`` (the final
+        evaluation set), each image array in the dtype the model is fed; and the batch order as
+        index rows, row i = the indices of batch i, a short batch padded with -1:
+        ``data.train_batches`` (into ``data.x_train``, the batches the training loop takes in its
+        first two epochs) and ``data.eval_batches`` (into ``data.x_eval``, the evaluation's batches).
+        A loader that cannot yield indices runs over ``arange(n)`` in their place (e.g. a
+        ``DataLoader`` over a ``TensorDataset`` of indices with the port's own sampler).
+        ``validation``: the original's switch that makes a split held out of the training pool the
+        logged stream and the evaluation set (a model without one ignores it)."""
+
 
 @runtime_checkable
 class PortSide(ReferenceSide, Protocol):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from harness.protocols import Batch, PortSide, ReferenceSide
+from harness.protocols import Arrays, Batch, PortSide, ReferenceSide, Unsupported
 
 
 @dataclass(frozen=True)
@@ -148,6 +148,18 @@ class ModelSpec:
         from harness.init import initialisers
 
         return initialisers(dict(shapes))
+
+    # --- data tier (harness/tier_data.py) ----------------------------------------------------
+    def make_data_reference(self, cfg: Any) -> ReferenceSide:
+        """A reference asked only for its own data path (``prepare_data``): a spec may build it without
+        the model or its framework; by default :meth:`make_reference`."""
+        return self.make_reference(cfg)
+
+    def data_rule(self, raw: Mapping[str, np.ndarray], cfg: Any, validation: bool) -> Arrays:
+        """The original's data rule, written out independently of both sides: what ``prepare_data``
+        (harness/protocols.py) must return for ``raw``, by the same names. Default: none (the data
+        tier then reports its rule sections SKIPPED)."""
+        raise Unsupported(f"the {self.name or type(self).__name__} spec states no data rule (data_rule)")
 
 
 def models() -> dict[str, ModelSpec]:

@@ -156,6 +156,22 @@ class TorchDPSOM(TorchPortAdapter):
 
         return DPSOM(self.config)
 
+    def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> dict[str, np.ndarray]:
+        """``ports.dpsom.data`` on ``raw`` (float32 arrays, as the port feeds them); the training
+        batches from the training loop's own per-epoch iterator (``train._batches``, once per epoch,
+        as ``fit`` calls it), the evaluation's from ``data.batches`` (the rule
+        ``evaluate.assign_clusters`` slices by, inline)."""
+        from harness.tier_data import batch_rows
+        from ports.dpsom import data as pdata
+        from ports.dpsom import train as ptrain
+
+        d = pdata.dpsom_data(pdata.RawMNIST(raw["x_train"], raw["y_train"], raw["x_test"], raw["y_test"], "data tier"), validation)
+        B = self.config.batch_size
+        train = [b for _ in range(2) for _, b in ptrain._batches(np.arange(len(d.x_train)), B)]  # noqa: SLF001
+        return {"data.x_train": d.x_train, "data.y_train": d.y_train, "data.x_val": d.x_val, "data.y_val": d.y_val,
+                "data.x_eval": d.x_eval, "data.y_eval": d.y_eval, "data.train_batches": batch_rows(train, B),
+                "data.eval_batches": batch_rows(pdata.batches(np.arange(len(d.x_eval)), B), B)}
+
 
 class TFReferenceDPSOM:
     """``reference_tf.dpsom`` (tf.compat.v1 graph in its own tf.Graph)."""
@@ -255,3 +271,45 @@ class TFReferenceDPSOM:
             with m.graph.as_default():
                 self._initial_values = {c: m._vars[v].initial_value for c, v in m._weight_rows.items()}  # noqa: SLF001
         return m.session.run(self._initial_values)
+
+    feed_dtype = None  # the model's (its x placeholder's) dtype; the data-only side below has no model
+
+    def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> dict[str, np.ndarray]:
+        """``reference_tf.dpsom.data`` on ``raw``: its float64 arrays cast to the placeholder's dtype as
+        ``model._feed`` casts every batch; the training batches as ``Trainer.fit`` takes them (``n //
+        B`` per epoch from the one endless generator, two epochs), the evaluation's as many as
+        ``evaluate.assign_clusters`` slices (``n // B``), from a fresh generator."""
+        from harness.tier_data import batch_rows
+        from reference_tf.dpsom import data as rdata
+
+        d = rdata.dpsom_data(rdata.RawMNIST(raw["x_train"], raw["y_train"], raw["x_test"], raw["y_test"], "data tier"), validation)
+        dtype = self.feed_dtype or self.model.dtype.as_numpy_dtype
+        B = self.config.batch_size
+
+        def taken(n: int, per_pass: int, passes: int) -> np.ndarray:
+            gen = rdata.batches(np.arange(n), B)
+            return batch_rows([next(gen) for _ in range(per_pass * passes)], B)
+
+        return {"data.x_train": np.asarray(d.x_train, dtype), "data.y_train": d.y_train, "data.x_val": np.asarray(d.x_val, dtype),
+                "data.y_val": d.y_val, "data.x_eval": np.asarray(d.x_eval, dtype), "data.y_eval": d.y_eval,
+                "data.train_batches": taken(len(d.x_train), len(d.x_train) // B, 2),
+                "data.eval_batches": taken(len(d.x_eval), len(d.x_eval) // B, 1)}
+
+
+class TFReferenceDPSOMData(TFReferenceDPSOM):
+    """The reference's data path alone (``prepare_data``): no graph, no session, no TensorFlow import.
+    What the spec's ``make_data_reference`` builds for the data tier; the model's methods raise
+    :class:`~harness.protocols.Unsupported`. Fed dtype: float32, the original's placeholder."""
+
+    feed_dtype = np.float32
+
+    def __init__(self, config: DPSOMConfig) -> None:
+        self.name = "tf-reference (data path)"
+        self.config = config
+
+    def __getattr__(self, name: str) -> Any:  # reached only for what __init__ did not set
+        if name in ("model", "trainer"):
+            from harness.protocols import Unsupported
+
+            raise Unsupported(f"{self.name}: built for the data tier only, it has no {name}")
+        raise AttributeError(name)

@@ -289,3 +289,7 @@ class TorchPortAdapter:
         state = module.state_dict()
         del module
         return {r.canonical: torch_to_canonical(self.numpy(state[r.torch_key]), r.torch_transform) for r in self._full_rows()}
+
+    def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> dict[str, np.ndarray]:
+        """The port's own data path (data tier); a port that has none to offer raises Unsupported."""
+        raise Unsupported(f"{type(self).__name__} does not provide prepare_data() (its own data path)")

@@ -146,5 +146,43 @@ class DPSOMSpec(ModelSpec):
         uniform = np.full((B, cfg.n_nodes), 1.0 / cfg.n_nodes, np.float32)
         return {k: {"x": x_train[rows], "eps": eps, "p": state["p"][k][rows] if st.phase == "joint" else uniform} for k in sides}
 
+    # --- data tier ---------------------------------------------------------------------------------
+    def make_data_reference(self, cfg: Any) -> ReferenceSide:
+        """The TF reference's data path alone: ``reference_tf.dpsom.data`` needs no TensorFlow."""
+        from harness.adapters.dpsom import TFReferenceDPSOMData
+
+        return TFReferenceDPSOMData(cfg)
+
+    def data_rule(self, raw: Mapping[str, np.ndarray], cfg: Any, validation: bool) -> dict[str, np.ndarray]:
+        """specs/dpsom.md §2 written out once more, by indices (neither side's code):
+
+        * every image divided by its own maximum pixel in float64, fed as float32, NHWC;
+        * the pool split by the indices ``train_test_split(arange(n), test_size=0.15,
+          random_state=42)`` gives (train first, the held-out 15 % second), labels alongside;
+        * ``validation=False``: logged stream = evaluation set = the test set; ``True``: the split;
+        * batches in order, no shuffling, ``n // batch_size`` full ones, the remainder dropped; the
+          training loop's two first epochs are the same batches twice (one pass per epoch)."""
+        from sklearn.model_selection import train_test_split
+
+        def fed(images: np.ndarray) -> np.ndarray:
+            x = np.asarray(images).astype(np.float64)
+            x /= x.max(axis=(1, 2), keepdims=True)
+            return x.astype(np.float32)[..., None]
+
+        def in_order(n: int) -> np.ndarray:
+            B = cfg.batch_size
+            return np.arange(n // B * B, dtype=np.int64).reshape(-1, B)
+
+        pool_x, pool_y = np.asarray(raw["x_train"]), np.asarray(raw["y_train"])
+        train, held = train_test_split(np.arange(len(pool_x)), test_size=0.15, random_state=42)
+        if validation:
+            x_eval, y_eval = fed(pool_x[held]), pool_y[held]
+        else:
+            x_eval, y_eval = fed(raw["x_test"]), np.asarray(raw["y_test"])
+        epoch = in_order(len(train))
+        return {"data.x_train": fed(pool_x[train]), "data.y_train": pool_y[train], "data.x_val": x_eval, "data.y_val": y_eval,
+                "data.x_eval": x_eval, "data.y_eval": y_eval, "data.train_batches": np.concatenate([epoch, epoch]),
+                "data.eval_batches": in_order(len(x_eval))}
+
 
 SPEC = DPSOMSpec()

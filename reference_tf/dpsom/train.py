@@ -10,7 +10,7 @@ paper arXiv 1910.01590), specs/dpsom.md §6:
    of every epoch q is computed for the whole training set (chunks of 5 100, one fresh ε per
    example) and the DEC target p from it; batch ``ii`` uses rows ``ii*B .. ii*B+B-1`` of p.
 
-One in-order batch generator runs through all phases (``n_train // batch_size`` full batches per
+One in-order batch generator (data.py) runs through all phases (``n_train // batch_size`` full batches per
 pass, remainder dropped); the learning rate fed per phase is decayed on the shared global step
 (optim.py). A checkpoint with the original variable names is written after every epoch.
 
@@ -153,7 +153,7 @@ class Trainer:
     def fit(self, data, out_dir=None, resume: bool = False, progress: bool = True, log_every: int = 100,
             keep_checkpoints: int = 3, evaluate_at_end: bool = True, stop_after: int | None = None,
             replay_rng: bool = True) -> dict:
-        """Run the whole schedule on ``data`` (``harness.data.DPSOMData``-like: ``x_train``,
+        """Run the whole schedule on ``data`` (:class:`reference_tf.dpsom.data.DPSOMData`-like: ``x_train``,
         ``x_eval``, ``y_eval``); returns ``{"metrics": ..., "global_step": ..., "epochs": ...}``.
 
         ``out_dir`` receives ``checkpoints/epoch-NNNN*`` (original variable names), ``state.json``
@@ -162,8 +162,7 @@ class Trainer:
         later), without the final evaluation. ``replay_rng`` advances the native ε stream by the
         draws of the original's logging runs (module docstring); it needs ``data.x_val``.
         """
-        from harness.data import batches
-
+        from reference_tf.dpsom.data import batches
         from reference_tf.dpsom.evaluate import evaluate
         from tqdm.auto import tqdm
 
@@ -288,9 +287,9 @@ def main(argv: list[str] | None = None) -> dict:
     progress = str(run.get("progress", "true")).lower() in truthy
     out_dir = Path(run.get("out_dir", f"runs/dpsom-reference_tf-{variant}-seed{config.random_seed}"))
 
-    from harness.data import dpsom_splits, load_raw
+    from reference_tf.dpsom.data import load_dpsom_data
 
-    data = dpsom_splits(load_raw(config.data_set, path=run.get("data_dir")), config.validation)
+    data = load_dpsom_data(config.data_set, run.get("data_dir"), config.validation)
     start = time.time()
     trainer = Trainer(config)
     result = trainer.fit(data, out_dir=out_dir, resume=resume, progress=progress)

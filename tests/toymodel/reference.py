@@ -133,3 +133,8 @@ class NumpyReference:
         from harness.protocols import Unsupported
 
         raise Unsupported("the toy reference's own initialisation (U(-0.5, 0.5) from one fixed stream) is not redrawn")
+
+    def prepare_data(self, raw, validation: bool = False) -> dict[str, np.ndarray]:
+        from harness.protocols import Unsupported
+
+        raise Unsupported("the toy reference has no data path of its own (it is fed arrays)")
