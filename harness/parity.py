@@ -1,6 +1,6 @@
 """``nox -s parity``: a port against its model's TF reference on the same weights and the same noise.
 
-    nox -s parity                                   # every model's default variants, quick tier (T0-T3)
+    nox -s parity                                   # every model's default variants: quick tier (T0-T3), data (D), initialisers (I)
     nox -s parity -- --model dpsom --variant dense --tier 4 --steps 100
     nox -s parity -- --config prior_var=2           # a config override, applied to BOTH sides
     nox -s parity -- --port bn_mode=batch_stats     # a port-only override: a declared deviation
@@ -84,6 +84,16 @@ def _tree(rows: list, first) -> str:
     return "\n".join(lines)
 
 
+def print_sections(sections: dict) -> None:
+    """One line per section (PASS count, worst row), the rows that did not pass as a table."""
+    for name, rows in sections.items():
+        bad = [r for r in rows if r.verdict != "PASS"]
+        w = worst_row(rows)
+        print(f"{name:52s} {len(rows) - len(bad):3d}/{len(rows):3d} PASS   worst: {w.name} max_abs {w.max_abs:.3g} (tol {w.tolerance:.3g})")
+        if bad:
+            print(format_table(bad))
+
+
 def print_report(report: dict, sections: dict, batchnorm=None) -> None:
     """The console view of a quick-tier report: one line per section, non-PASS rows as a table, the
     first divergence in the model's tree."""
@@ -92,12 +102,7 @@ def print_report(report: dict, sections: dict, batchnorm=None) -> None:
     per_tier = ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds_per_tier"].items())
     print(f"\n=== {report['model']} / {report['variant']} / quick tier (T0-T3) on {report['data']} "
           f"({report['seconds']:.1f} s: {per_tier}) ===")
-    for name, rows in sections.items():
-        bad = [r for r in rows if r.verdict != "PASS"]
-        w = worst_row(rows)
-        print(f"{name:40s} {len(rows) - len(bad):3d}/{len(rows):3d} PASS   worst: {w.name} max_abs {w.max_abs:.3g} (tol {w.tolerance:.3g})")
-        if bad:
-            print(format_table(bad))
+    print_sections(sections)
     first = engine.first_divergence(sections)
     if first is not None:
         print(f"model tree ({first[0]}):\n" + _tree(sections[first[0]], first[1]))
@@ -156,6 +161,56 @@ def _t4(args, spec: ModelSpec, variant: str, out_dir: Path, stem, flags: dict, m
     return int(report["verdict"] in ("DIVERGED", "FAIL"))
 
 
+# The tiers around one step (issue: each side's own pipeline), each a module with ``run(spec, variant, *, seed,
+# dataset, make_port, overrides) -> {section: rows}``; the letter names the report file.
+PIPELINE: dict[str, tuple[str, str]] = {
+    "D": ("harness.tier_data", "data: each side's own data path on the raw data, bit for bit and against the original's rule"),
+    "I": ("harness.tier_init", "initialisers: each side's own, drawn many times, against the distributions the original defines"),
+}
+DEFAULT_TIERS = ("quick", *PIPELINE)
+
+
+def parse_tiers(value: str) -> tuple[str, ...]:
+    """``--tier``: comma-separated tier names, ``all`` for every one."""
+    names = [t.strip() for t in value.split(",") if t.strip()]
+    known = ("quick", "4", *PIPELINE)
+    if "all" in names:
+        return known
+    bad = [t for t in names if t not in known]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"{value!r}: unknown tier {bad}; known: {', '.join(known)}, all")
+    return tuple(names)
+
+
+def _pipeline(args, spec: ModelSpec, variant: str, out_dir: Path, stem, flags: dict, make_port, letter: str) -> int:
+    """One tier of :data:`PIPELINE` on ``variant``: printed section by section, written as ``<stem>-<letter>.json``."""
+    from harness.env import fingerprint
+    from harness.tier_data import load_raw
+
+    module = importlib.import_module(PIPELINE[letter][0])
+    t0 = time.perf_counter()
+    print(f"\n=== {spec.name} / {variant} / tier {letter} ({PIPELINE[letter][1]}) ===", flush=True)
+    sections = module.run(spec, variant, seed=args.seed, dataset=args.data, make_port=make_port, overrides=args.config_overrides)
+    first = engine.first_divergence(sections)
+    report = {
+        "model": spec.name, "variant": variant, "tier": letter, "data": load_raw(args.data).name, "seed": args.seed,
+        "config": spec.config_dict(spec.get_config(variant, args.config_overrides)), "environment": fingerprint(),
+        "seconds": time.perf_counter() - t0,
+        "first_divergence": None if first is None else {"section": first[0], **first[1].to_dict()},
+        "verdict": engine.verdict(sections),
+        "sections": {k: [r.to_dict() for r in v] for k, v in sections.items()},
+        "port_overrides": args.port_overrides, "config_overrides": args.config_overrides, "port_adapter": args.port_adapter,
+        "determinism": flags, "peak_rss_mb": peak_rss_mb(),
+    }
+    print_sections(sections)
+    print(f"verdict: {report['verdict']}" + (f" — first divergence: {first[1].name} in {first[0]} ({first[1].verdict}) {first[1].note}"
+                                            if first else "") + f" ({report['seconds']:.0f} s)")
+    target = out_dir / f"{stem(report['data'])}-{letter}.json"
+    _write(report, target)
+    print(f"written: {target}")
+    return int(report["verdict"] in ("FAIL", "STRUCTURAL"))
+
+
 def parse_pairs(pairs: list[str] | None, flag: str) -> dict[str, str]:
     out = {}
     for item in pairs or []:
@@ -171,8 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nox -s parity --", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", choices=sorted(known), help="model (repeatable; default: every registered model)")
     parser.add_argument("--variant", action="append", help="variant of the model (repeatable; default: the model's default variants)")
-    parser.add_argument("--tier", default="quick", choices=["quick", "4", "all"],
-                        help="quick = T0-T3 + BatchNorm detector (default); 4 = N-step training; all = both")
+    parser.add_argument("--tier", default=",".join(DEFAULT_TIERS), type=parse_tiers, metavar="TIER[,TIER...]",
+                        help="quick = T0-T3 + BatchNorm detector; 4 = N-step training; "
+                             + "; ".join(f"{k} = {v[1]}" for k, v in PIPELINE.items())
+                             + f"; all = every tier (default: {','.join(DEFAULT_TIERS)})")
     parser.add_argument("--steps", type=int, default=50, help="T4: training steps through the phases")
     parser.add_argument("--no-sync", action="store_true", help="T4: skip the synced per-step check (free-running trajectories only)")
     parser.add_argument("--epoch-steps", type=int, default=10, help="T4: steps per epoch")
@@ -210,9 +267,11 @@ def main(argv: list[str] | None = None) -> int:
 
             out_dir = STORED if args.update_stored else Path(args.out)
             out_dir.mkdir(parents=True, exist_ok=True)
-            if args.tier in ("quick", "all"):
+            if "quick" in args.tier:
                 status |= _quick(args, spec, variant, out_dir, stem, flags, make_port)
-            if args.tier in ("4", "all"):
+            for letter in (t for t in PIPELINE if t in args.tier):
+                status |= _pipeline(args, spec, variant, out_dir, stem, flags, make_port, letter)
+            if "4" in args.tier:
                 status |= _t4(args, spec, variant, out_dir, stem, flags, make_port)
     print(f"\nparity job: {time.perf_counter() - t0:.0f} s wall, peak RSS {peak_rss_mb():.0f} MiB, exit {status}")
     return int(status)

@@ -1,7 +1,7 @@
 """``python -m harness.readme [--check]``: render README's result tables from results/.
 
 Tables live between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers and are generated,
-never hand-written: ``parity`` from results/parity/*-T[0-3].json, ``t4`` from results/parity/*-T4-*steps.json,
+never hand-written: ``parity`` from results/parity/*-T[0-3].json (and the pipeline tiers' *-D.json, *-I.json ...), ``t4`` from results/parity/*-T4-*steps.json,
 ``bench`` from results/bench/*.csv.
 ``--check`` exits 1 (listing the stale tables) when README.md and results/ disagree; the test suite
 runs it, so CI fails on a README that does not match the stored results.
@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.parity import PIPELINE
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -24,7 +26,10 @@ def _parity(results: Path) -> str:
     lines = []
     variants = sorted({p.name.rsplit("-", 1)[0] for p in (results / "parity").glob("*-T[0-3].json")})
     for stem in variants:
-        docs = [json.loads(p.read_text()) for p in sorted((results / "parity").glob(f"{stem}-T[0-3].json"))]
+        # the quick tier's reports, then the pipeline tiers' (harness/parity.py PIPELINE) where stored
+        paths = sorted((results / "parity").glob(f"{stem}-T[0-3].json")) + [
+            p for t in PIPELINE if (p := results / "parity" / f"{stem}-{t}.json").exists()]
+        docs = [json.loads(p.read_text()) for p in paths]
         doc = docs[0]
         first = next((d["first_divergence"] for d in docs if d["first_divergence"]), None)
         verdicts = {d["verdict"] for d in docs}

@@ -423,7 +423,7 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
     chooses it for power (see the module docstring); ``notes``, when given, receives one line per
     section (draws, caps, level, time). ``dataset`` and other keywords are accepted for the common
     tier signature and unused (no data is read)."""
-    cfg = spec.get_config(variant)
+    cfg = spec.get_config(variant, kw.get("overrides"))
     makers = {"reference": make_reference or spec.make_reference, "port": make_port or spec.make_port}
     sections: dict[str, list[Comparison]] = {}
     accs: dict[str, dict[str, _Acc]] = {}
