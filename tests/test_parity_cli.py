@@ -39,3 +39,24 @@ def test_bad_arguments_are_named():
         load_factory("no_such_module:factory")
     with pytest.raises(SystemExit, match="has no 'nope'"):
         load_factory("tests.oddport.adapter:nope")
+
+
+def test_tiers_are_chosen_by_name_and_all_means_every_one():
+    from harness.parity import DEFAULT_TIERS, PIPELINE, parse_tiers
+
+    assert DEFAULT_TIERS == ("quick", *PIPELINE) and {"D", "I"} <= set(PIPELINE)
+    assert parse_tiers("quick, D") == ("quick", "D")
+    assert parse_tiers("all") == ("quick", "4", *PIPELINE)
+    with pytest.raises(Exception, match=r"unknown tier \['T9'\]; known: quick, 4, D"):
+        parse_tiers("quick,T9")
+
+
+def test_a_pipeline_tier_writes_its_own_report(tmp_path, capsys):
+    """The data tier through the CLI on the embedded digits: one JSON named like the quick tier's runs."""
+    import json
+
+    assert main(["--variant", "tiny-dense", "--tier", "D", "--data", "digits", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "dpsom-tiny-dense-digits-seed0-D.json").read_text())
+    assert doc["tier"] == "D" and doc["verdict"] == "PASS" and doc["data"] == "digits"
+    assert doc["sections"]["D data: reference vs port"] and all(r["verdict"] == "PASS" for r in doc["sections"]["D data: reference vs port"])
+    assert "tier D (data" in capsys.readouterr().out
