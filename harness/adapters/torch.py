@@ -258,3 +258,10 @@ class TorchPortAdapter:
 
     def forward_isolated(self, batch: Batch, teacher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise Unsupported(f"{type(self).__name__} cannot feed its layers another side's inputs")
+
+    # --- optional: own training loop and evaluation (harness/tier_ownloop.py, harness/tier_eval.py) ---
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        raise Unsupported(f"{type(self).__name__} does not run its own training loop for the harness (fit_records)")
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        raise Unsupported(f"{type(self).__name__} does not run its own evaluation for the harness (evaluate_assignments)")

@@ -9,6 +9,8 @@ arithmetic one), purity, AMI and ACC, computed here with scikit-learn / scipy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -20,14 +22,22 @@ from .model import DPSOM, z_dist_flat
 
 
 @torch.no_grad()
-def assign_clusters(model: DPSOM, x: np.ndarray, config: DPSOMConfig, seed: int | None = None) -> np.ndarray:
-    """BMU index for the first ``(len(x) // batch_size) * batch_size`` images."""
+def assign_clusters(model: DPSOM, x: np.ndarray, config: DPSOMConfig, seed: int | None = None,
+                    eps: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
+    """BMU index for the first ``(len(x) // batch_size) * batch_size`` images.
+
+    ``eps(shape)``, optional: the ε [batch, D] of each batch's sample, in batch order (replaces the
+    restarted generator; the posterior-mean assignment draws none)."""
     generator = torch.Generator().manual_seed(config.random_seed if seed is None else seed)
     bs = config.batch_size
+    dtype = next(model.parameters()).dtype
     ks = []
     model.eval()
     for i in range(len(x) // bs):
-        out = model(torch.from_numpy(x[i * bs : (i + 1) * bs]), decode=False, generator=generator)
+        e = None
+        if eps is not None and config.eval_assignment == "sample":
+            e = torch.as_tensor(eps((bs, config.latent_dim)), dtype=dtype)
+        out = model(torch.as_tensor(x[i * bs : (i + 1) * bs], dtype=dtype), e, decode=False, generator=generator)
         if config.eval_assignment == "mean":
             ks.append(z_dist_flat(out["posterior.mu"], model.som.flat()).argmin(1))
         else:
@@ -61,9 +71,11 @@ def cluster_metrics(y_true: np.ndarray, y_pred: np.ndarray, nmi_average_method: 
     }
 
 
-def evaluate(model: DPSOM, x: np.ndarray, y: np.ndarray, config: DPSOMConfig) -> dict[str, float]:
-    """NMI (config.nmi_average_method), purity, AMI and ACC on the full batches of ``(x, y)``."""
-    k = assign_clusters(model, x, config)
+def evaluate(model: DPSOM, x: np.ndarray, y: np.ndarray, config: DPSOMConfig,
+             eps: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> dict[str, float]:
+    """NMI (config.nmi_average_method), purity, AMI and ACC on the full batches of ``(x, y)``
+    (``eps``: as :func:`assign_clusters`)."""
+    k = assign_clusters(model, x, config, eps=eps)
     if len(k) == 0:
         raise ValueError(f"nothing to evaluate: {len(x)} images give no full batch of {config.batch_size}")
     metrics = cluster_metrics(np.asarray(y[: len(k)]), k, config.nmi_average_method)

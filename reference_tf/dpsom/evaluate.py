@@ -13,13 +13,19 @@ PyTorch port of elin-d does); it needs no random numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from reference_tf.dpsom.model import DPSOM
 
 
-def assign_clusters(model: DPSOM, x, batch_size: int | None = None, assignment: str | None = None) -> np.ndarray:
-    """BMU index (int64) of every image in the full batches of ``x``, in order."""
+def assign_clusters(model: DPSOM, x, batch_size: int | None = None, assignment: str | None = None,
+                    eps: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> np.ndarray:
+    """BMU index (int64) of every image in the full batches of ``x``, in order.
+
+    ``eps(shape)``, optional: the ε [batch, D] of each batch's sample, in batch order, fed instead
+    of the new session's native stream (the posterior-mean assignment draws none)."""
     cfg = model.config
     batch_size = batch_size or cfg.batch_size
     assignment = assignment or cfg.eval_assignment
@@ -34,15 +40,17 @@ def assign_clusters(model: DPSOM, x, batch_size: int | None = None, assignment: 
     else:
         k = model.forward_tensors["som.k"]
         with model.fresh_session() as session:
-            ks = [session.run(k, model._feed(b)) for b in batches]  # noqa: SLF001
+            ks = [session.run(k, model._feed(b, None if eps is None else eps((len(b), cfg.latent_dim)))) for b in batches]  # noqa: SLF001
     return np.concatenate(ks).astype(np.int64)
 
 
-def evaluate(model: DPSOM, x, y, batch_size: int | None = None, assignment: str | None = None) -> dict:
-    """``harness.metrics.cluster_metrics`` of the assignments, plus ``n_evaluated``."""
+def evaluate(model: DPSOM, x, y, batch_size: int | None = None, assignment: str | None = None,
+             eps: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> dict:
+    """``harness.metrics.cluster_metrics`` of the assignments, plus ``n_evaluated`` (``eps``: as
+    :func:`assign_clusters`)."""
     from harness.metrics import cluster_metrics
 
-    k = assign_clusters(model, x, batch_size, assignment)
+    k = assign_clusters(model, x, batch_size, assignment, eps)
     metrics = cluster_metrics(np.asarray(y)[: len(k)].astype(np.int64), k)
     metrics["n_evaluated"] = int(len(k))
     return metrics

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.protocols import Unsupported
 from harness.transplant import TransplantError, check_weights
 
 LAYERS = (("encoder.fc1", "d", "hidden"), ("encoder.fc2", "hidden", "latent"), ("decoder.fc1", "latent", "hidden"),
@@ -128,3 +129,9 @@ class NumpyReference:
         """The 'original format' of the toy: one .npz in canonical names."""
         np.savez(f"{path}.npz", **self.w)
         return f"{path}.npz"
+
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        raise Unsupported("the toy reference has no training loop of its own")
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        raise Unsupported("the toy reference has no evaluation of its own")

@@ -1,0 +1,128 @@
+"""Evaluation tier: the same weights and the same injected noise through each side's OWN evaluation.
+
+Each side runs its evaluation code (``evaluate_assignments``, protocols.py) on the spec's reduced
+evaluation set (``spec.ownloop_data``) from weights drawn once by ``spec.draw_weights``, its noise
+taken from one numpy PCG64 stream in the order it asks (harness.tier_ownloop.NoiseStream). Then:
+
+* ``assignments``: identical, element for element (same inputs evaluated, same cluster each);
+* every metric: equal, bit for bit (tolerance 0: identical assignments give identical sklearn numbers);
+* T0-style rows: ``eval.assign_from`` (what the assignment is computed from, as each side reports
+  it: e.g. a sample z or the posterior mean) and ``eval.nmi_average`` (MEASURED: the sklearn
+  averaging whose NMI of the side's own assignments equals the ``nmi`` it reports), diffed through
+  the model's deviation registry (harness/executed.py).
+
+``python -m harness.tier_eval --model dpsom --variant tiny-dense`` prints the sections and exits 1 on FAIL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+from collections.abc import Mapping
+
+import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
+
+from harness.compare import Comparison, compare_exact, format_table
+from harness.engine import skipped
+from harness.executed import diff, load_registry
+from harness.protocols import Unsupported
+from harness.spec import ModelSpec, get_spec
+from harness.tier_ownloop import MakePort, NoiseStream
+
+ASSIGNMENTS, METRICS, T0 = "eval: assignments", "eval: metrics", "eval: T0 as executed"
+NMI_AVERAGES = ("geometric", "arithmetic", "min", "max")
+
+
+def measured_nmi_average(labels: np.ndarray, assignments: np.ndarray, nmi: float) -> str:
+    """The sklearn ``average_method`` (or several, joined by ``=``, where they coincide on these labels)
+    whose NMI equals ``nmi`` to 1e-12; ``"none of <methods> (nmi=...)"`` otherwise."""
+    found = [m for m in NMI_AVERAGES
+             if abs(normalized_mutual_info_score(labels, assignments, average_method=m) - nmi) <= 1e-12]
+    return "=".join(found) if found else f"none of {'/'.join(NMI_AVERAGES)} (nmi={nmi:.6g})"
+
+
+def _assignments_row(a: np.ndarray, b: np.ndarray) -> Comparison:
+    row = compare_exact("assignments", np.asarray(a, np.int64), np.asarray(b, np.int64))
+    if row.verdict == "PASS" or a.shape != b.shape:
+        return row
+    i = int(np.flatnonzero(np.asarray(a) != np.asarray(b))[0])
+    return Comparison(row.name, row.shape, row.max_abs, row.max_rel, row.mean_abs, (i,), 0.0, 0.0, 0.0, "FAIL",
+                      f"{row.note}; first at input {i}: reference {int(a[i])}, port {int(b[i])}")
+
+
+def compare_evaluations(ref: Mapping[str, Any], port: Mapping[str, Any], registry: Mapping[str, Any]) -> dict[str, list[Comparison]]:
+    assignments = [_assignments_row(ref["assignments"], port["assignments"]),
+                   compare_exact("labels", np.asarray(ref["labels"], np.int64), np.asarray(port["labels"], np.int64))]
+    metrics = []
+    for name in list(ref["metrics"]) + [k for k in port["metrics"] if k not in ref["metrics"]]:
+        if name not in ref["metrics"] or name not in port["metrics"]:
+            metrics.append(skipped(name, f"reported by the {'port' if name in port['metrics'] else 'reference'} only"))
+            continue
+        row = compare_exact(name, np.float64(ref["metrics"][name]), np.float64(port["metrics"][name]))
+        if row.verdict != "PASS":
+            row = Comparison(row.name, row.shape, row.max_abs, row.max_rel, row.mean_abs, row.worst_index, 0.0, 0.0, 0.0, "FAIL",
+                             f"reference {ref['metrics'][name]:.10g}, port {port['metrics'][name]:.10g}"
+                             + ("; same assignments: another formula" if assignments[0].verdict == "PASS" else "; the assignments differ"))
+        metrics.append(row)
+    executed = []
+    for side in (ref, port):
+        nmi = side["metrics"].get("nmi")
+        measured = (measured_nmi_average(np.asarray(side["labels"]), np.asarray(side["assignments"]), float(nmi))
+                    if nmi is not None else "no nmi reported")
+        executed.append({"eval.assign_from": side["assign_from"], "eval.nmi_average": measured})
+    t0 = diff(*executed, registry)
+    for i, r in enumerate(t0):  # the declared averaging beside the measured one, where they disagree
+        if r.name == "eval.nmi_average":
+            said = [s.get("nmi_average") for s in (ref, port)]
+            if any(d != m["eval.nmi_average"] for d, m in zip(said, executed)):
+                t0[i] = Comparison(r.name, r.shape, r.max_abs, r.max_rel, r.mean_abs, r.worst_index, r.floor, r.multiple, r.tolerance,
+                                   r.verdict, f"{r.note}; declared: reference {said[0]}, port {said[1]}")
+    return {ASSIGNMENTS: assignments, METRICS: metrics, T0: t0}
+
+
+def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = None, make_port: MakePort | None = None,
+        overrides: Mapping[str, str] | None = None, registry: str | None = None) -> dict[str, list[Comparison]]:
+    """The evaluation sections for ``spec``'s ``variant`` (module docstring)."""
+    make_port = make_port or (lambda c, dtype: spec.make_port(c, dtype))
+    cfg = spec.get_config(variant, overrides)
+    cfg = spec.replace_config(cfg, spec.ownloop_overrides(cfg))
+    data, _ = spec.ownloop_data(cfg, dataset)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    reference = spec.make_reference(cfg)
+    try:
+        weights = spec.draw_weights({k: v.shape for k, v in reference.get_weights().items()}, rng)
+        noise_seed = int(rng.integers(2**63))
+        results = {}
+        for label, side in (("reference", reference), ("port", None)):
+            try:
+                side = side if side is not None else make_port(cfg, "float32")
+                side.set_weights(weights)
+                results[label] = side.evaluate_assignments(data, NoiseStream(noise_seed))
+            except Unsupported as err:
+                return {ASSIGNMENTS: [skipped("evaluate_assignments", f"{label}: {err}")]}
+    finally:
+        getattr(reference, "close", lambda: None)()
+    return compare_evaluations(results["reference"], results["port"], load_registry(registry or spec.deviations_path()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m harness.tier_eval",
+                                     description="Evaluation tier: each side's own evaluation on the same weights and noise; "
+                                                 "assignments and metrics must be identical. Exits 1 on FAIL.")
+    parser.add_argument("--model", default="dpsom", help="model spec name (default: dpsom)")
+    parser.add_argument("--variant", default="dense", help="config variant (default: dense)")
+    parser.add_argument("--seed", type=int, default=0, help="PCG64 seed of the weights and the noise (default: 0)")
+    parser.add_argument("--dataset", default=None, help="data set name (default: the spec's first one found offline)")
+    args = parser.parse_args(argv)
+    sections = run(get_spec(args.model), args.variant, seed=args.seed, dataset=args.dataset)
+    failed = False
+    for name, rows in sections.items():
+        print(f"\n== {name}\n{format_table(rows)}")
+        failed |= any(r.verdict == "FAIL" for r in rows)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
