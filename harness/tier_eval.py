@@ -83,19 +83,24 @@ def compare_evaluations(ref: Mapping[str, Any], port: Mapping[str, Any], registr
 
 
 def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = None, make_port: MakePort | None = None,
-        overrides: Mapping[str, str] | None = None, registry: str | None = None) -> dict[str, list[Comparison]]:
-    """The evaluation sections for ``spec``'s ``variant`` (module docstring)."""
+        overrides: Mapping[str, str] | None = None, registry: str | None = None, reuse: dict | None = None) -> dict[str, list[Comparison]]:
+    """The evaluation sections for ``spec``'s ``variant`` (module docstring). ``reuse``: as in
+    harness.tier_ownloop.run (the reference's evaluation kept across runs with the same arguments)."""
     make_port = make_port or (lambda c, dtype: spec.make_port(c, dtype))
     cfg = spec.get_config(variant, overrides)
     cfg = spec.replace_config(cfg, spec.ownloop_overrides(cfg))
     data, _ = spec.ownloop_data(cfg, dataset)
     rng = np.random.Generator(np.random.PCG64(seed))
-    reference = spec.make_reference(cfg)
+    key = ("eval", spec.name, variant, seed, dataset, tuple(sorted((overrides or {}).items())))
+    cached = (reuse or {}).get(key)
+    reference = None if cached else spec.make_reference(cfg)
     try:
-        weights = spec.draw_weights({k: v.shape for k, v in reference.get_weights().items()}, rng)
-        noise_seed = int(rng.integers(2**63))
-        results = {}
+        weights = cached["weights"] if cached else spec.draw_weights({k: v.shape for k, v in reference.get_weights().items()}, rng)
+        noise_seed = cached["noise_seed"] if cached else int(rng.integers(2**63))
+        results = {"reference": cached["result"]} if cached else {}
         for label, side in (("reference", reference), ("port", None)):
+            if label in results:
+                continue
             try:
                 side = side if side is not None else make_port(cfg, "float32")
                 side.set_weights(weights)
@@ -104,6 +109,8 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
                 return {ASSIGNMENTS: [skipped("evaluate_assignments", f"{label}: {err}")]}
     finally:
         getattr(reference, "close", lambda: None)()
+    if reuse is not None and not cached:
+        reuse[key] = {"weights": weights, "noise_seed": noise_seed, "result": results["reference"]}
     return compare_evaluations(results["reference"], results["port"], load_registry(registry or spec.deviations_path()))
 
 

@@ -219,27 +219,36 @@ def _run_side(side: Any, weights: Mapping[str, np.ndarray], data: Mapping[str, n
 
 
 def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = None, make_port: MakePort | None = None,
-        multiple: float = MULTIPLE, overrides: Mapping[str, str] | None = None, twins: bool = True) -> dict[str, list[Comparison]]:
+        multiple: float = MULTIPLE, overrides: Mapping[str, str] | None = None, twins: bool = True,
+        reuse: dict | None = None) -> dict[str, list[Comparison]]:
     """The own-loop sections for ``spec``'s ``variant`` (module docstring). ``twins=False`` skips the
-    float64 runs (values then judged at float32 resolution only)."""
+    float64 runs (values then judged at float32 resolution only). ``reuse``: a dict kept by the
+    caller across runs with the same arguments; the reference's runs are stored there and not
+    repeated (several ports against one reference)."""
     make_port = make_port or (lambda c, dtype: spec.make_port(c, dtype))
     cfg = spec.get_config(variant, overrides)
     cfg = spec.replace_config(cfg, spec.ownloop_overrides(cfg))
     data, _ = spec.ownloop_data(cfg, dataset)
     rng = np.random.Generator(np.random.PCG64(seed))
-    reference = spec.make_reference(cfg)
-    weights = spec.draw_weights({k: v.shape for k, v in reference.get_weights().items()}, rng)
-    noise_seed = int(rng.integers(2**63))
+    key = ("ownloop", spec.name, variant, seed, dataset, tuple(sorted((overrides or {}).items())), twins)
+    cached = (reuse or {}).get(key)
+    reference = None if cached else spec.make_reference(cfg)
+    weights = cached["weights"] if cached else spec.draw_weights({k: v.shape for k, v in reference.get_weights().items()}, rng)
+    noise_seed = int(rng.integers(2**63)) if not cached else cached["noise_seed"]
     makers = {"reference": lambda: reference, "port": lambda: make_port(cfg, "float32")}
     if twins:
         makers.update({"reference64": lambda: spec.make_reference(cfg, "float64"), "port64": lambda: make_port(cfg, "float64")})
-    out: dict[str, tuple[list[dict], NoiseStream]] = {}
+    out: dict[str, tuple[list[dict], NoiseStream]] = dict(cached["out"]) if cached else {}
     for label, make in makers.items():
+        if label in out:
+            continue
         try:
             out[label] = _run_side(make(), weights, data, noise_seed)
         except Unsupported as err:
             if label in ("reference", "port"):
                 return {SCHEDULE: [skipped("fit_records", f"{label}: {err}")]}
+    if reuse is not None and not cached:
+        reuse[key] = {"weights": weights, "noise_seed": noise_seed, "out": {k: v for k, v in out.items() if k.startswith("reference")}}
     sections, _ = compare_records(out["reference"][0], out["port"][0], out.get("reference64", (None,))[0],
                                   out.get("port64", (None,))[0], {k: out[k][1] for k in ("reference", "port")}, multiple,
                                   spec.constants(cfg))
