@@ -22,6 +22,13 @@ Compared step by step, in this order, so the first difference is named where it 
 
 ``python -m harness.tier_ownloop --model dpsom --variant tiny-dense`` prints the sections and exits
 1 on FAIL.
+
+Why the target rows are judged by value and ``p_step`` exactly, not by a hash: each side computes
+its target from its own float32 soft assignments, so two faithful sides hold different bytes (the
+sha1 of each side's rows is printed beside the ``p`` row, equal only side against itself); the
+cadence is what ``p_step`` pins down. No batch-order hook: the loops compared here take their
+batches in order (the original's generator); a port that shuffles differs in every loss term from
+step 0, and is named there.
 """
 
 from __future__ import annotations
@@ -211,7 +218,13 @@ def _run_side(side: Any, weights: Mapping[str, np.ndarray], data: Mapping[str, n
     try:
         side.set_weights(weights)
         noise = NoiseStream(seed)
-        return side.fit_records(data, noise), noise
+        records = side.fit_records(data, noise)
+        for i, rec in enumerate(records):
+            missing = [k for k in (*STRUCTURE, "p") if k not in rec]
+            if missing:
+                raise ValueError(f"{getattr(side, 'name', type(side).__name__)}.fit_records: record {i} lacks {missing} "
+                                 f"(expected keys {[*STRUCTURE, 'p']} and the loss terms)")
+        return records, noise
     finally:
         close = getattr(side, "close", None)
         if close is not None:
