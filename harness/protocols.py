@@ -88,7 +88,8 @@ class ReferenceSide(Protocol):
         """Optional (else :class:`Unsupported`). The side's OWN evaluation from the current weights,
         ``eps(shape)`` feeding its noise: ``assignments`` (int array, per evaluated input, in order),
         ``labels`` (their ground truth), ``metrics`` ({name: float}), ``assign_from`` (what the
-        assignment is computed from, e.g. "z sample" / "mu") and ``nmi_average`` (the NMI averaging)."""
+        assignment is computed from, e.g. "z sample" / "mu"), ``nmi_average`` (the NMI averaging) and,
+        optionally, ``distances`` ([N, K]: what each assignment is the argmin of, to tell rounding ties)."""
         raise Unsupported(f"{type(self).__name__} does not provide evaluate_assignments()")
 
 

@@ -151,6 +151,11 @@ class ModelSpec:
         run (sized from ``cfg``), and the data set's name."""
         raise NotImplementedError(f"{self.name}: no own-loop data")
 
+    def evaluation_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """The whole evaluation set as the original evaluates it (``evaluate_assignments``' data for
+        the evaluation tier's ``full=True``), and the data set's name."""
+        raise NotImplementedError(f"{self.name}: no evaluation data")
+
 
 def models() -> dict[str, ModelSpec]:
     """Every model spec under ``harness/models/`` (one module each, defining ``SPEC``)."""

@@ -8,19 +8,50 @@ arithmetic NMI (sklearn's default since 0.22) where the original reports the geo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 import numpy as np
 import pytest
 from sklearn.metrics import normalized_mutual_info_score
 
-pytest.importorskip("tensorflow", reason="TensorFlow not installed: evaluation tier skipped")
-pytestmark = pytest.mark.tf
-
-from harness.adapters.dpsom import TorchDPSOM  # noqa: E402
-from harness.models.dpsom import SPEC  # noqa: E402
-from harness.tier_eval import ASSIGNMENTS, METRICS, T0, measured_nmi_average, run  # noqa: E402
+from harness.adapters.dpsom import TorchDPSOM
+from harness.models.dpsom import SPEC
+from harness.tier_eval import ASSIGNMENTS, METRICS, T0, compare_evaluations, measured_nmi_average, run
 
 REUSE: dict = {}
+needs_tf = [pytest.mark.tf, pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                               reason="TensorFlow not installed: the reference's evaluation is skipped")]
+
+
+def _side(assignments, distances, nmi_average="geometric"):
+    y = np.array([0, 0, 1, 1])
+    k = np.array(assignments)
+    return {"assignments": k, "labels": y, "distances": np.array(distances, np.float64), "assign_from": "z sample",
+            "nmi_average": nmi_average,
+            "metrics": {"nmi": float(normalized_mutual_info_score(y, k, average_method=nmi_average))}}
+
+
+def test_a_flip_within_the_sides_distance_difference_is_an_inaccurate_tie():
+    # input 2: the reference prefers cluster 1 over 0 by 1e-6, the sides' distances there differ by 2e-6:
+    # both within float32 resolution of distances up to 9 (10 x 1.19e-7 x 9 = 1.07e-5)
+    ref = _side([0, 0, 1, 1], [[0, 5, 9], [0, 5, 9], [4.000001, 4.0, 9], [9, 0, 5]])
+    port = _side([0, 0, 0, 1], [[0, 5, 9], [0, 5, 9], [3.999999, 4.000002, 9], [9, 0, 5]])
+    sections = compare_evaluations(ref, port, {})
+    row = sections[ASSIGNMENTS][0]
+    assert row.verdict == "INACCURATE" and row.worst_index == (2,)
+    assert row.note == ("1 of 4 elements differ, all rounding ties: input 2: 1 vs 0, margin 1e-06 and distance difference 2e-06 "
+                        "<= 1.07e-05")
+    assert sections[METRICS][0].verdict == "INACCURATE"  # the nmi follows from the tie only
+
+
+def test_a_flip_between_distances_that_differ_beyond_rounding_fails():
+    # the sides' distances of input 2 differ by 0.5: another computation, not a tie
+    ref = _side([0, 0, 1, 1], [[0, 5, 9], [0, 5, 9], [4.5, 4.0, 9], [9, 0, 5]])
+    port = _side([0, 0, 0, 1], [[0, 5, 9], [0, 5, 9], [3.999999, 4.000002, 9], [9, 0, 5]])
+    sections = compare_evaluations(ref, port, {})
+    assert sections[ASSIGNMENTS][0].verdict == "FAIL"
+    assert sections[ASSIGNMENTS][0].note == "1 of 4 elements differ; first at input 2: reference 1, port 0"
+    assert sections[METRICS][0].verdict == "FAIL" and sections[METRICS][0].note.endswith("; the assignments differ")
 
 
 def _run(**port_overrides):
@@ -42,6 +73,8 @@ def test_measured_nmi_average_against_hand_computed_values():
     assert measured_nmi_average(y, k, 0.5).startswith("none of geometric/arithmetic/min/max")
 
 
+@pytest.mark.tf
+@needs_tf[1]
 def test_faithful_pair_assigns_identically_and_reports_equal_metrics():
     sections = _run()
     for name in (ASSIGNMENTS, METRICS, T0):
@@ -53,6 +86,8 @@ def test_faithful_pair_assigns_identically_and_reports_equal_metrics():
     assert (t0["eval.assign_from"].note, t0["eval.nmi_average"].note) == ("z sample", "geometric")
 
 
+@pytest.mark.tf
+@needs_tf[1]
 def test_port_assigning_from_the_posterior_mean_fails_assignments_and_t0():
     sections = _run(eval_assignment="mean")
     a = _rows(sections, ASSIGNMENTS)["assignments"]
@@ -62,6 +97,8 @@ def test_port_assigning_from_the_posterior_mean_fails_assignments_and_t0():
     assert _rows(sections, METRICS)["nmi"].note.endswith("; the assignments differ")
 
 
+@pytest.mark.tf
+@needs_tf[1]
 def test_arithmetic_nmi_fails_nmi_only_with_same_assignments():
     sections = _run(nmi_average_method="arithmetic")
     assert _rows(sections, ASSIGNMENTS)["assignments"].verdict == "PASS"
@@ -76,6 +113,8 @@ def test_arithmetic_nmi_fails_nmi_only_with_same_assignments():
     assert t0.verdict == "FAIL" and t0.note == "reference geometric / port arithmetic: not in the deviation registry"
 
 
+@pytest.mark.tf
+@needs_tf[1]
 def test_sklearn_agrees_with_the_rows_on_the_faithful_assignments():
     """Independent check of the metrics row values: recompute NMI from the reference side directly."""
     cfg = SPEC.replace_config(SPEC.get_config("tiny-dense"), SPEC.ownloop_overrides(SPEC.get_config("tiny-dense")))

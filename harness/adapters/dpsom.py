@@ -164,9 +164,10 @@ class TorchDPSOM(TorchPortAdapter):
         from ports.dpsom.evaluate import assign_clusters, cluster_metrics
 
         cfg = self.config
-        k = assign_clusters(self.trainer.model, np.asarray(data["x_eval"]), cfg, eps=eps).astype(np.int64)
+        k, dist = assign_clusters(self.trainer.model, np.asarray(data["x_eval"]), cfg, eps=eps, return_distances=True)
+        k = k.astype(np.int64)
         y = np.asarray(data["y_eval"])[: len(k)].astype(np.int64)
-        return {"assignments": k, "labels": y, "metrics": cluster_metrics(y, k, cfg.nmi_average_method),
+        return {"assignments": k, "distances": dist, "labels": y, "metrics": cluster_metrics(y, k, cfg.nmi_average_method),
                 "nmi_average": cfg.nmi_average_method, "assign_from": ASSIGN_FROM[cfg.eval_assignment]}
 
 class TFReferenceDPSOM:
@@ -275,9 +276,9 @@ class TFReferenceDPSOM:
         from harness.metrics import cluster_metrics
         from reference_tf.dpsom.evaluate import assign_clusters
 
-        k = assign_clusters(self.model, np.asarray(data["x_eval"]), eps=eps)
+        k, dist = assign_clusters(self.model, np.asarray(data["x_eval"]), eps=eps, return_distances=True)
         y = np.asarray(data["y_eval"])[: len(k)].astype(np.int64)
-        return {"assignments": k, "labels": y, "metrics": cluster_metrics(y, k), "nmi_average": "geometric",
+        return {"assignments": k, "distances": dist, "labels": y, "metrics": cluster_metrics(y, k), "nmi_average": "geometric",
                 "assign_from": ASSIGN_FROM[self.config.eval_assignment]}
 
 

@@ -178,6 +178,21 @@ class DPSOMSpec(ModelSpec):
                     "y_eval": d.y_eval[:n_eval]}, raw.name
         raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
 
+    def evaluation_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """The original's final evaluation set (the test set; 33 full batches of 300 are evaluated on MNIST)."""
+        from harness.data import DataNotFoundError, dpsom_splits, load_raw
+
+        for name in [dataset] if dataset else ["MNIST", "digits"]:
+            try:
+                raw = load_raw(name, download=False)
+            except DataNotFoundError:
+                if dataset:
+                    raise
+                continue
+            d = dpsom_splits(raw, validation=cfg.validation)
+            return {"x_eval": d.x_eval, "y_eval": d.y_eval}, raw.name
+        raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
+
 
 OWNLOOP_BATCH, OWNLOOP_BATCHES, OWNLOOP_DECAY_STEPS = 16, 3, 2
 
