@@ -14,11 +14,16 @@ Compared step by step, in this order, so the first difference is named where it 
 
 * structure, exact: ``phase``, ``epoch``, ``global_step``, ``lr_feed`` and ``lr`` (as float32),
   ``p_step``; plus the number of steps and of noise rows each loop drew;
-* values, within a measured band: every loss term and the target rows ``p``, judged by
-  ``harness.engine.judge`` at each step against ``MULTIPLE`` x the larger of each side's own
-  float32 vs float64 distance at that step (the side's float64 twin running the same loop on the
-  same noise; running maximum over the steps so far, since free-running float32 trajectories only
-  separate), only on the steps before the first structural difference.
+* values, within a measured band: every loss term and the target rows ``p``, compared at each step
+  (``harness.compare``, with ``harness.engine.diagnose`` on a FAIL) against ``MULTIPLE`` x the larger
+  of each side's own float32 vs float64 distance at that step (the side's float64 twin running the
+  same loop on the same noise; running maximum over the steps so far, since free-running float32
+  trajectories only separate), only on the steps before the first structural difference. Unlike
+  the quick tier this band is NOT capped at ``FLOOR_MAX_REL``: it is a trajectory band, and a
+  free-running float32 trajectory can legitimately leave its float64 twin (Adam turns an activation
+  kink flip into a ±lr step; measured, conv at batch 16: p at step 15 differs by 1.3e-2 between one
+  side's float32 and float64 runs, the port-vs-reference distance 1.3e-2 as well). Where the band
+  is that wide the row says so: the values judge little there and the structure rows carry the check.
 
 ``python -m harness.tier_ownloop --model dpsom --variant tiny-dense`` prints the sections and exits
 1 on FAIL.
@@ -34,6 +39,7 @@ step 0, and is named there.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import sys
 from typing import Any
@@ -41,8 +47,8 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from harness.compare import Comparison, format_table
-from harness.engine import MULTIPLE, judge, skipped
+from harness.compare import Comparison, compare_all, format_table
+from harness.engine import FLOOR_MAX_REL, MULTIPLE, abs_max, diagnose, skipped
 from harness.protocols import Unsupported
 from harness.spec import ModelSpec, get_spec
 
@@ -169,9 +175,9 @@ def compare_records(ref: list[dict], port: list[dict], ref64: list[dict] | None,
 
 
 def _values(rec: Mapping[str, Any]) -> dict[str, Any]:
-    out = {k: v for k, v in rec.items() if k.startswith("loss.")}
-    if rec.get("p") is not None:
-        out["p"] = np.asarray(rec["p"])
+    """The step's target rows (an input of the step: named first when it differs) and its loss terms."""
+    out = {} if rec.get("p") is None else {"p": np.asarray(rec["p"])}
+    out.update((k, v) for k, v in rec.items() if k.startswith("loss."))
     return out
 
 
@@ -190,7 +196,7 @@ def _judge_values(ref, port, ref64, port64, upto: int, multiple: float, constant
                 if k in y and np.shape(x[k]) == np.shape(y[k]):
                     d = float(np.max(np.abs(np.asarray(x[k], np.float64) - np.asarray(y[k], np.float64))))
                     running[k] = max(running.get(k, 0.0), d)
-        for r in judge(a, b, {"float64": dict(running)}, multiple, constants=constants):
+        for r in _compare_step(a, b, running, multiple, constants):
             ratio = r.max_abs / r.tolerance if r.tolerance > 0 else (0.0 if r.max_abs == 0 else np.inf)
             if r.verdict != "PASS" and r.name not in first_bad:
                 first_bad[r.name] = (i, r)
@@ -205,13 +211,31 @@ def _judge_values(ref, port, ref64, port64, upto: int, multiple: float, constant
                 first = (i, f"{_where(ref[i], i)}: {name} differs beyond its band (|diff| {r.max_abs:.3g} > tol {r.tolerance:.3g})")
         else:
             ratio, i, r = best[name]
-            note = f"worst at {_where(ref[i], i)}: {ratio:.3g} x tol" + (f"; p sha1 {p_hash(ref[i]['p'])} / {p_hash(port[i]['p'])}"
-                                                                       if name == "p" else "")
+            note = (f"worst at {_where(ref[i], i)}: {ratio:.3g} x tol" + (f"; {r.note}" if r.note else "")
+                    + (f"; p sha1 {p_hash(ref[i]['p'])} / {p_hash(port[i]['p'])}" if name == "p" else ""))
         rows.append(Comparison(r.name, r.shape, r.max_abs, r.max_rel, r.mean_abs, r.worst_index, r.floor, r.multiple, r.tolerance,
                                r.verdict, note))
     if upto < min(len(ref), len(port)):
         rows.append(skipped("after the structure diverges", f"values compared on steps 0..{upto - 1} only"))
     return rows, first
+
+
+def _compare_step(a: Mapping[str, Any], b: Mapping[str, Any], floor: Mapping[str, float], multiple: float,
+                  constants: Mapping[str, float]) -> list[Comparison]:
+    """One step's values against the (uncapped) trajectory band; a FAIL carries the engine's diagnosis
+    and a wide band (floor above ``FLOOR_MAX_REL`` of the value) is named."""
+    out = []
+    for r in compare_all(a, b, floor, multiple):
+        notes = [r.note] if r.note else []
+        if r.name in a and r.name in b:
+            if r.verdict == "FAIL":
+                found = diagnose(r.name, a[r.name], b[r.name], constants)
+                notes = [found, *notes] if found else notes
+            scale = abs_max(b[r.name])
+            if scale and floor.get(r.name, 0.0) > FLOOR_MAX_REL * scale:
+                notes.append(f"wide trajectory band: own float32 vs float64 {floor[r.name]:.3g} ({floor[r.name] / scale:.2g} of the value)")
+        out.append(dataclasses.replace(r, note="; ".join(notes)))
+    return out
 
 
 def _run_side(side: Any, weights: Mapping[str, np.ndarray], data: Mapping[str, np.ndarray], seed: int):

@@ -4,7 +4,8 @@ The reduced DPSOM schedule (spec.ownloop_overrides on tiny-dense, digits): 3 ful
 images per epoch (+2 dropped images), 1 VAE epoch (steps 0-2), 4 SOM-init stages of 1 epoch (steps
 3-14, lr_feed 0.9 / 0.3 / 0.1 / 0.01), 2 joint epochs (steps 15-20, p computed at global steps 15
 and 18), LR decay every 2 global steps. Each planted bug is one realistic loop mistake, patched in
-at run time (nothing in ports/ is edited); the tier must name the step and field where it happens.
+at run time (nothing in ports/ is edited); the tier must name the step and field where it happens:
+four cadence/schedule bugs (structure rows) and one values bug (p normalised over the batch).
 The reference's runs are computed once per module (``reuse``).
 """
 
@@ -138,3 +139,30 @@ def test_extra_som_init_epochs_are_named_where_the_stage_should_end(monkeypatch)
     assert rows["steps"].verdict == "FAIL" and rows["steps"].note == "step 21: the reference runs 21 steps, the port 33"
     # values are compared on the steps before the structure diverges only
     assert _rows(sections, VALUES)["after the structure diverges"].note == "values compared on steps 0..5 only"
+
+
+def test_p_normalised_over_the_batch_is_named_by_value_at_the_first_joint_step(monkeypatch):
+    """A values-level loop bug: DEC's column sums f_j taken over the batch instead of the whole
+    training set (same cadence, so every structure row passes; p itself differs)."""
+    import ports.dpsom.train as train
+    from ports.dpsom.losses import target_distribution
+
+    def run_epoch(trainer, epoch, x_train, eps=None):
+        bs, D = trainer.config.batch_size, trainer.config.latent_dim
+        q_all = p_step = None
+        if epoch.phase == "joint":
+            p_step = trainer.global_step
+            q_all = torch.from_numpy(trainer.q_all(x_train, eps=None if eps is None else eps((len(x_train), D))))
+        for ii, xb in train._batches(x_train, bs):
+            p = None if q_all is None else target_distribution(q_all[ii * bs : (ii + 1) * bs]).numpy()  # the bug
+            yield trainer.step(epoch.phase, xb, epoch.lr_feed, eps=None if eps is None else eps((len(xb), D)), p=p), \
+                {"p": p, "p_step": p_step}
+
+    monkeypatch.setattr(train, "run_epoch", run_epoch)
+    sections = _run()
+    assert all(r.verdict == "PASS" for r in sections[SCHEDULE][1:])
+    first = _first(sections)
+    assert first.startswith("step 15 (joint, epoch 5): p differs beyond its band (|diff| ")
+    p = _rows(sections, VALUES)["p"]
+    assert p.verdict == "FAIL" and p.note.startswith("first at step 15 (joint, epoch 5)")
+    assert p.max_abs > 1e3 * p.tolerance  # measured: far outside a band of ~1.6e-6
