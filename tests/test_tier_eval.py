@@ -133,3 +133,16 @@ def test_sklearn_agrees_with_the_rows_on_the_faithful_assignments():
     cached = next(v for k, v in REUSE.items() if k[0] == "eval") if REUSE else None
     if cached is not None:  # the tier's run drew the same weights and noise
         assert np.array_equal(cached["result"]["assignments"], out["assignments"])
+
+
+@pytest.mark.tf
+@needs_tf[1]
+def test_a_port_without_its_own_evaluation_is_skipped_with_the_reason():
+    from harness.adapters.torch import TorchPortAdapter
+
+    class NoEval(TorchDPSOM):
+        evaluate_assignments = TorchPortAdapter.evaluate_assignments
+
+    sections = run(SPEC, "tiny-dense", seed=0, dataset="digits", make_port=lambda c, dtype: NoEval(c, dtype), reuse=REUSE)
+    (row,) = sections[ASSIGNMENTS]
+    assert row.verdict == "SKIPPED" and row.note == "port: NoEval does not run its own evaluation for the harness (evaluate_assignments)"

@@ -166,3 +166,15 @@ def test_p_normalised_over_the_batch_is_named_by_value_at_the_first_joint_step(m
     p = _rows(sections, VALUES)["p"]
     assert p.verdict == "FAIL" and p.note.startswith("first at step 15 (joint, epoch 5)")
     assert p.max_abs > 1e3 * p.tolerance  # measured: far outside a band of ~1.6e-6
+
+
+def test_a_port_without_its_own_loop_is_skipped_with_the_reason():
+    from harness.adapters.dpsom import TorchDPSOM
+    from harness.adapters.torch import TorchPortAdapter
+
+    class NoLoop(TorchDPSOM):  # a user's port through the base adapter: no fit_records
+        fit_records = TorchPortAdapter.fit_records
+
+    sections = run(SPEC, "tiny-dense", seed=0, dataset="digits", reuse=REUSE, make_port=lambda c, dtype: NoLoop(c, dtype))
+    (row,) = sections[SCHEDULE]
+    assert row.verdict == "SKIPPED" and row.note == "port: NoLoop does not run its own training loop for the harness (fit_records)"
