@@ -97,6 +97,24 @@ class ReferenceSide(Protocol):
         ``validation``: the original's switch that makes a split held out of the training pool the
         logged stream and the evaluation set (a model without one ignores it)."""
 
+    # --- optional: the side's own training loop and evaluation (own-loop T4, evaluation tier) ---
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        """Optional (else :class:`Unsupported`). Run the side's OWN training loop over its config's
+        whole schedule on ``data`` (the spec's named arrays) from the current weights; ``eps(shape)``
+        gives the noise of each forward the loop makes, in the order it makes them. Returns one
+        record per optimizer step: ``phase``, ``epoch``, ``global_step`` (after it), ``lr_feed``,
+        ``lr`` (effective), ``p`` / ``p_step`` (the per-epoch target the step used and the global
+        step it was computed at; None where the phase has none) and every loss term of the phase."""
+        raise Unsupported(f"{type(self).__name__} does not provide fit_records()")
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        """Optional (else :class:`Unsupported`). The side's OWN evaluation from the current weights,
+        ``eps(shape)`` feeding its noise: ``assignments`` (int array, per evaluated input, in order),
+        ``labels`` (their ground truth), ``metrics`` ({name: float}), ``assign_from`` (what the
+        assignment is computed from, e.g. "z sample" / "mu"), ``nmi_average`` (the NMI averaging) and,
+        optionally, ``distances`` ([N, K]: what each assignment is the argmin of, to tell rounding ties)."""
+        raise Unsupported(f"{type(self).__name__} does not provide evaluate_assignments()")
+
 
 @runtime_checkable
 class PortSide(ReferenceSide, Protocol):

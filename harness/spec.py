@@ -161,6 +161,22 @@ class ModelSpec:
         tier then reports its rule sections SKIPPED)."""
         raise Unsupported(f"the {self.name or type(self).__name__} spec states no data rule (data_rule)")
 
+    # --- own-loop T4 and evaluation tier (harness/tier_ownloop.py, harness/tier_eval.py) ------------
+    def ownloop_overrides(self, cfg: Any) -> dict[str, str]:
+        """Config overrides that shrink each side's OWN schedule to a few steps per phase (every phase
+        and stage present, a per-epoch quantity recomputed at least once, the LR decay reached)."""
+        raise NotImplementedError(f"{self.name}: no reduced own-loop schedule")
+
+    def ownloop_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """The named arrays the sides' ``fit_records`` / ``evaluate_assignments`` take for the reduced
+        run (sized from ``cfg``), and the data set's name."""
+        raise NotImplementedError(f"{self.name}: no own-loop data")
+
+    def evaluation_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """The whole evaluation set as the original evaluates it (``evaluate_assignments``' data for
+        the evaluation tier's ``full=True``), and the data set's name."""
+        raise NotImplementedError(f"{self.name}: no evaluation data")
+
 
 def models() -> dict[str, ModelSpec]:
     """Every model spec under ``harness/models/`` (one module each, defining ``SPEC``)."""

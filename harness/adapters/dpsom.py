@@ -173,6 +173,25 @@ class TorchDPSOM(TorchPortAdapter):
                 "data.x_eval": d.x_eval, "data.y_eval": d.y_eval, "data.train_batches": batch_rows(train, B),
                 "data.eval_batches": batch_rows(pdata.batches(np.arange(len(d.x_eval)), B), B)}
 
+    # --- own loop and evaluation (harness/tier_ownloop.py, harness/tier_eval.py) ---------------------
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        """``ports.dpsom.train.fit`` over the config's schedule (no checkpoints), one record per step."""
+        from ports.dpsom import train
+
+        records: list[dict[str, Any]] = []
+        train.fit(self.trainer, np.asarray(data["x_train"]), None, eps=eps, on_step=records.append, progress=False)
+        return records
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        """``ports.dpsom.evaluate``: BMUs of the full batches of ``x_eval``, its ``cluster_metrics`` against ``y_eval``."""
+        from ports.dpsom.evaluate import assign_clusters, cluster_metrics
+
+        cfg = self.config
+        k, dist = assign_clusters(self.trainer.model, np.asarray(data["x_eval"]), cfg, eps=eps, return_distances=True)
+        k = k.astype(np.int64)
+        y = np.asarray(data["y_eval"])[: len(k)].astype(np.int64)
+        return {"assignments": k, "distances": dist, "labels": y, "metrics": cluster_metrics(y, k, cfg.nmi_average_method),
+                "nmi_average": cfg.nmi_average_method, "assign_from": ASSIGN_FROM[cfg.eval_assignment]}
 
 class TFReferenceDPSOM:
     """``reference_tf.dpsom`` (tf.compat.v1 graph in its own tf.Graph)."""
@@ -296,6 +315,27 @@ class TFReferenceDPSOM:
                 "data.train_batches": taken(len(d.x_train), len(d.x_train) // B, 2),
                 "data.eval_batches": taken(len(d.x_eval), len(d.x_eval) // B, 1)}
 
+    # --- own loop and evaluation (harness/tier_ownloop.py, harness/tier_eval.py) ---------------------
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        """``reference_tf.dpsom.train.Trainer.fit`` over the config's schedule, one record per step
+        (``data``: ``x_train``, and ``x_val`` for the native logging-run replay when ``eps`` is None)."""
+        from types import SimpleNamespace
+
+        records: list[dict[str, Any]] = []
+        self.trainer.fit(SimpleNamespace(**{k: np.asarray(v) for k, v in data.items()}), progress=False, evaluate_at_end=False,
+                         replay_rng=eps is None and "x_val" in data, eps=eps, on_step=records.append)
+        return records
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        """``reference_tf.dpsom.evaluate``: BMUs of the full batches of ``x_eval`` (a new session),
+        ``harness.metrics.cluster_metrics`` against ``y_eval``."""
+        from harness.metrics import cluster_metrics
+        from reference_tf.dpsom.evaluate import assign_clusters
+
+        k, dist = assign_clusters(self.model, np.asarray(data["x_eval"]), eps=eps, return_distances=True)
+        y = np.asarray(data["y_eval"])[: len(k)].astype(np.int64)
+        return {"assignments": k, "distances": dist, "labels": y, "metrics": cluster_metrics(y, k), "nmi_average": "geometric",
+                "assign_from": ASSIGN_FROM[self.config.eval_assignment]}
 
 class TFReferenceDPSOMData(TFReferenceDPSOM):
     """The reference's data path alone (``prepare_data``): no graph, no session, no TensorFlow import.
@@ -314,3 +354,6 @@ class TFReferenceDPSOMData(TFReferenceDPSOM):
 
             raise Unsupported(f"{self.name}: built for the data tier only, it has no {name}")
         raise AttributeError(name)
+
+
+ASSIGN_FROM = {"sample": "z sample", "mean": "mu"}  # config.eval_assignment -> what the BMU is computed from

@@ -293,3 +293,10 @@ class TorchPortAdapter:
     def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> dict[str, np.ndarray]:
         """The port's own data path (data tier); a port that has none to offer raises Unsupported."""
         raise Unsupported(f"{type(self).__name__} does not provide prepare_data() (its own data path)")
+
+    # --- optional: own training loop and evaluation (harness/tier_ownloop.py, harness/tier_eval.py) ---
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        raise Unsupported(f"{type(self).__name__} does not run its own training loop for the harness (fit_records)")
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        raise Unsupported(f"{type(self).__name__} does not run its own evaluation for the harness (evaluate_assignments)")

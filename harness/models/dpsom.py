@@ -184,5 +184,54 @@ class DPSOMSpec(ModelSpec):
                 "data.x_eval": x_eval, "data.y_eval": y_eval, "data.train_batches": np.concatenate([epoch, epoch]),
                 "data.eval_batches": in_order(len(x_eval))}
 
+    # --- own-loop T4 and evaluation tier -----------------------------------------------------------
+    def ownloop_overrides(self, cfg: Any) -> dict[str, str]:
+        """One epoch of VAE pretraining, one per SOM-init LR stage, two joint epochs (p recomputed at
+        the second one's start); ``OWNLOOP_BATCHES`` batches of at most ``OWNLOOP_BATCH`` images per
+        epoch; the LR decays every ``OWNLOOP_DECAY_STEPS`` global steps so every phase sees a decay."""
+        return {"batch_size": str(min(cfg.batch_size, OWNLOOP_BATCH)), "epochs_pretrain": "1", "som_init_epochs_per_stage": "1",
+                "num_epochs": "2", "decay_steps": str(OWNLOOP_DECAY_STEPS)}
+
+    def ownloop_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """``x_train``: ``OWNLOOP_BATCHES`` full batches plus 2 images the original's loop drops (a
+        port that keeps a partial batch takes an extra step); ``x_eval`` / ``y_eval`` (and ``x_val``,
+        the original's logged stream = the test set): 2 full batches plus 3 leftover images, which
+        the original's evaluation skips."""
+        from harness.data import DataNotFoundError, dpsom_splits, load_raw
+
+        B = cfg.batch_size
+        for name in [dataset] if dataset else ["MNIST", "digits"]:
+            try:
+                raw = load_raw(name, download=False)
+            except DataNotFoundError:
+                if dataset:
+                    raise
+                continue
+            d = dpsom_splits(raw, validation=False)
+            n_train, n_eval = OWNLOOP_BATCHES * B + 2, 2 * B + 3
+            if len(d.x_train) < n_train or len(d.x_eval) < n_eval:
+                raise ValueError(f"{raw.name}: {len(d.x_train)} training / {len(d.x_eval)} test images; the own-loop run needs "
+                                 f"{n_train} / {n_eval} (batch_size {B})")
+            return {"x_train": d.x_train[:n_train], "x_val": d.x_eval[:n_eval], "x_eval": d.x_eval[:n_eval],
+                    "y_eval": d.y_eval[:n_eval]}, raw.name
+        raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
+
+    def evaluation_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """The original's final evaluation set (the test set; 33 full batches of 300 are evaluated on MNIST)."""
+        from harness.data import DataNotFoundError, dpsom_splits, load_raw
+
+        for name in [dataset] if dataset else ["MNIST", "digits"]:
+            try:
+                raw = load_raw(name, download=False)
+            except DataNotFoundError:
+                if dataset:
+                    raise
+                continue
+            d = dpsom_splits(raw, validation=cfg.validation)
+            return {"x_eval": d.x_eval, "y_eval": d.y_eval}, raw.name
+        raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
+
+
+OWNLOOP_BATCH, OWNLOOP_BATCHES, OWNLOOP_DECAY_STEPS = 16, 3, 2
 
 SPEC = DPSOMSpec()

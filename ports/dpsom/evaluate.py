@@ -9,6 +9,8 @@ arithmetic one), purity, AMI and ACC, computed here with scikit-learn / scipy.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -20,20 +22,31 @@ from .model import DPSOM, z_dist_flat
 
 
 @torch.no_grad()
-def assign_clusters(model: DPSOM, x: np.ndarray, config: DPSOMConfig, seed: int | None = None) -> np.ndarray:
-    """BMU index for the first ``(len(x) // batch_size) * batch_size`` images."""
+def assign_clusters(model: DPSOM, x: np.ndarray, config: DPSOMConfig, seed: int | None = None,
+                    eps: Callable[[tuple[int, ...]], np.ndarray] | None = None, return_distances: bool = False):
+    """BMU index for the first ``(len(x) // batch_size) * batch_size`` images.
+
+    ``eps(shape)``, optional: the ε [batch, D] of each batch's sample, in batch order (replaces the
+    restarted generator; the posterior-mean assignment draws none). ``return_distances``: also the
+    [N, K] squared distances the BMU is the argmin of, as ``(k, distances)``."""
     generator = torch.Generator().manual_seed(config.random_seed if seed is None else seed)
     bs = config.batch_size
-    ks = []
+    dtype = next(model.parameters()).dtype
+    ks, dists = [], []
     model.eval()
     for i in range(len(x) // bs):
-        out = model(torch.from_numpy(x[i * bs : (i + 1) * bs]), decode=False, generator=generator)
-        if config.eval_assignment == "mean":
-            ks.append(z_dist_flat(out["posterior.mu"], model.som.flat()).argmin(1))
-        else:
-            ks.append(out["som.k"])
+        e = None
+        if eps is not None and config.eval_assignment == "sample":
+            e = torch.as_tensor(eps((bs, config.latent_dim)), dtype=dtype)
+        out = model(torch.as_tensor(x[i * bs : (i + 1) * bs], dtype=dtype), e, decode=False, generator=generator)
+        dist = z_dist_flat(out["posterior.mu"], model.som.flat()) if config.eval_assignment == "mean" else out["som.z_dist"]
+        ks.append(dist.argmin(1))
+        dists.append(dist)
     model.train()
-    return torch.cat(ks).numpy() if ks else np.zeros(0, dtype=np.int64)
+    k = torch.cat(ks).numpy() if ks else np.zeros(0, dtype=np.int64)
+    if not return_distances:
+        return k
+    return k, (torch.cat(dists).numpy() if dists else np.zeros((0, model.som.flat().shape[0]), dtype=np.float32))
 
 
 def cluster_metrics(y_true: np.ndarray, y_pred: np.ndarray, nmi_average_method: str = "geometric") -> dict[str, float]:
@@ -61,9 +74,11 @@ def cluster_metrics(y_true: np.ndarray, y_pred: np.ndarray, nmi_average_method: 
     }
 
 
-def evaluate(model: DPSOM, x: np.ndarray, y: np.ndarray, config: DPSOMConfig) -> dict[str, float]:
-    """NMI (config.nmi_average_method), purity, AMI and ACC on the full batches of ``(x, y)``."""
-    k = assign_clusters(model, x, config)
+def evaluate(model: DPSOM, x: np.ndarray, y: np.ndarray, config: DPSOMConfig,
+             eps: Callable[[tuple[int, ...]], np.ndarray] | None = None) -> dict[str, float]:
+    """NMI (config.nmi_average_method), purity, AMI and ACC on the full batches of ``(x, y)``
+    (``eps``: as :func:`assign_clusters`)."""
+    k = assign_clusters(model, x, config, eps=eps)
     if len(k) == 0:
         raise ValueError(f"nothing to evaluate: {len(x)} images give no full batch of {config.batch_size}")
     metrics = cluster_metrics(np.asarray(y[: len(k)]), k, config.nmi_average_method)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -74,8 +74,12 @@ class Trainer:
     def global_step(self) -> int:
         return self.optimizer.global_step
 
+    def _tensor(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """``a`` as a tensor in the model's float dtype (a float64 model fed float32 data casts it)."""
+        return torch.as_tensor(a, dtype=next(self.model.parameters()).dtype)
+
     def _eps(self, eps: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
-        return None if eps is None else torch.as_tensor(eps)
+        return None if eps is None else self._tensor(eps)
 
     def compute_terms(self, phase: str, x: torch.Tensor, eps: torch.Tensor | None, p: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The loss terms of ``phase`` with their graphs (the first one listed last: the minimised loss)."""
@@ -100,8 +104,8 @@ class Trainer:
         if phase != self.phase:
             self.begin_phase(phase)
         lr = effective_learning_rate(lr_feed, self.optimizer.global_step, cfg.decay_steps, cfg.decay_factor)
-        x = torch.as_tensor(x)
-        terms = self.compute_terms(phase, x, self._eps(eps), None if p is None else torch.as_tensor(p))
+        x = self._tensor(x)
+        terms = self.compute_terms(phase, x, self._eps(eps), None if p is None else self._tensor(p))
         loss = terms[{"vae": "loss.elbo", "som_init": "loss.som_init", "joint": "loss.total"}[phase]]
         self.optimizer.zero_grad()
         loss.backward()
@@ -117,8 +121,8 @@ class Trainer:
         """Soft assignments for a whole set in chunks (one fresh ε per example, as the original)."""
         qs = []
         for start in range(0, len(x), chunk):
-            e = None if eps is None else torch.as_tensor(eps[start : start + chunk])
-            out = self.model(torch.as_tensor(x[start : start + chunk]), e, decode=False, generator=self.generator)
+            e = None if eps is None else self._tensor(eps[start : start + chunk])
+            out = self.model(self._tensor(x[start : start + chunk]), e, decode=False, generator=self.generator)
             qs.append(out["som.q"])
         return torch.cat(qs).numpy()
 
@@ -152,44 +156,77 @@ def _batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]
         yield i, x[i * batch_size : (i + 1) * batch_size]
 
 
-def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path, resume: bool = False, log_every: int = 1) -> list[dict[str, float]]:
+# Hooks of the own loop (all optional; without them ``fit`` draws its own ε from the trainer's generator):
+# ``eps(shape)`` returns the ε array [n, D] for the next forward the loop makes, in the order it makes
+# them (at the start of a joint epoch the q pass over the whole training set, then one per step);
+# ``on_step(record)`` receives every step's record (see :func:`run_epoch`).
+EpsSource = Callable[[tuple[int, ...]], np.ndarray]
+
+
+def run_epoch(trainer: Trainer, epoch: Epoch, x_train: np.ndarray, eps: EpsSource | None = None) -> Iterator[tuple[dict[str, float], dict[str, Any]]]:
+    """One epoch of the schedule: for a joint epoch the target distribution P over the whole training
+    set first (§6.4), then the in-order full batches. Yields each step's ``trainer.step`` record and
+    what the step used: ``p`` (its rows of P, None outside the joint phase) and ``p_step`` (the global
+    step at which that P was computed)."""
+    bs, D = trainer.config.batch_size, trainer.config.latent_dim
+    p_all, p_step = None, None
+    if epoch.phase == "joint":
+        p_step = trainer.global_step
+        q = trainer.q_all(x_train, eps=None if eps is None else eps((len(x_train), D)))
+        p_all = target_distribution(torch.from_numpy(q)).numpy()
+    for ii, xb in _batches(x_train, bs):
+        p = None if p_all is None else p_all[ii * bs : (ii + 1) * bs]
+        record = trainer.step(epoch.phase, xb, epoch.lr_feed, eps=None if eps is None else eps((len(xb), D)), p=p)
+        yield record, {"p": p, "p_step": p_step}
+
+
+def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: bool = False, log_every: int = 1,
+        eps: EpsSource | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
+        progress: bool = True) -> list[dict[str, float]]:
     """Run the whole schedule with progress bars, TensorBoard scalars, a checkpoint per epoch, resume.
 
     A non-finite loss term stops training with the step, phase and term named; the last checkpoint
-    on disk is the last good epoch.
+    on disk is the last good epoch. ``out_dir=None``: no checkpoints, no TensorBoard (a run kept in
+    memory). ``eps`` / ``on_step``: the hooks above; the record ``on_step`` receives holds ``phase``
+    (name), ``epoch`` (index in the schedule), ``global_step`` (after the step), ``lr_feed``, ``lr``
+    (effective), ``p`` and ``p_step`` (:func:`run_epoch`) and every loss term of the phase.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     cfg = trainer.config
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = out_dir / "checkpoint.pt"
-    start = trainer.load(ckpt) if resume and ckpt.exists() else 0
+    ckpt = None
+    if out_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt = out_dir / "checkpoint.pt"
+    start = trainer.load(ckpt) if resume and ckpt is not None and ckpt.exists() else 0
     plan = schedule(cfg)
     bs = cfg.batch_size
-    writer = SummaryWriter(str(out_dir / "tensorboard"))
+    writer = SummaryWriter(str(out_dir / "tensorboard")) if out_dir is not None else None
     history: list[dict[str, float]] = []
     try:
-        for epoch in tqdm(plan[start:], desc="DPSOM epochs", initial=start, total=len(plan), unit="epoch"):
-            p_all = target_distribution(torch.from_numpy(trainer.q_all(x_train))).numpy() if epoch.phase == "joint" else None
-            bar = tqdm(_batches(x_train, bs), total=len(x_train) // bs, desc=f"{epoch.phase} #{epoch.index}", leave=False)
-            for ii, xb in bar:
-                p = None if p_all is None else p_all[ii * bs : (ii + 1) * bs]
-                record = trainer.step(epoch.phase, xb, epoch.lr_feed, p=p)
+        for epoch in tqdm(plan[start:], desc="DPSOM epochs", initial=start, total=len(plan), unit="epoch", disable=not progress):
+            bar = tqdm(run_epoch(trainer, epoch, x_train, eps), total=len(x_train) // bs, desc=f"{epoch.phase} #{epoch.index}",
+                       leave=False, disable=not progress)
+            for record, used in bar:
                 bad = [k for k, v in record.items() if not math.isfinite(v)]
                 if bad:
                     raise FloatingPointError(
                         f"non-finite {bad[0]}={record[bad[0]]} at global step {record['global_step'] - 1} "
                         f"(phase {epoch.phase}, epoch {epoch.index}); last good checkpoint: "
-                        f"{ckpt if ckpt.exists() else 'none yet'}"
+                        f"{ckpt if ckpt is not None and ckpt.exists() else 'none yet'}"
                     )
+                if on_step is not None:
+                    on_step({"phase": epoch.phase, "epoch": epoch.index, "lr_feed": float(epoch.lr_feed), **record, **used})
                 record.update(phase=PHASES.index(epoch.phase), epoch=epoch.index)
                 history.append(record)
-                if record["global_step"] % log_every == 0:
+                if writer is not None and record["global_step"] % log_every == 0:
                     for k, v in record.items():
                         writer.add_scalar(f"{epoch.phase}/{k}", v, record["global_step"])
-            trainer.save(ckpt, epoch.index + 1)
+            if ckpt is not None:
+                trainer.save(ckpt, epoch.index + 1)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     return history
 
 

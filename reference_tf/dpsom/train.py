@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
@@ -152,7 +153,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------
     def fit(self, data, out_dir=None, resume: bool = False, progress: bool = True, log_every: int = 100,
             keep_checkpoints: int = 3, evaluate_at_end: bool = True, stop_after: int | None = None,
-            replay_rng: bool = True) -> dict:
+            replay_rng: bool = True, eps: Callable[[tuple[int, ...]], np.ndarray] | None = None,
+            on_step: Callable[[dict], None] | None = None) -> dict:
         """Run the whole schedule on ``data`` (:class:`reference_tf.dpsom.data.DPSOMData`-like: ``x_train``,
         ``x_eval``, ``y_eval``); returns ``{"metrics": ..., "global_step": ..., "epochs": ...}``.
 
@@ -161,6 +163,14 @@ class Trainer:
         ``stop_after=N`` stops once N epochs of the schedule are complete (a chunked run; resume
         later), without the final evaluation. ``replay_rng`` advances the native ε stream by the
         draws of the original's logging runs (module docstring); it needs ``data.x_val``.
+
+        Hooks (optional): ``eps(shape)`` returns the ε [n, D] of the next forward the loop makes, in
+        the order it makes them (at the start of a joint epoch the q pass over the whole training
+        set, then one per training step); it replaces the native stream, whose logging-run replay
+        is then moot and skipped. ``on_step(record)`` receives every step's record: ``phase``,
+        ``epoch`` (index in the schedule), ``global_step`` (after the step), ``lr_feed``, ``lr``
+        (effective), ``p`` (the step's rows of the target distribution, None outside the joint
+        phase), ``p_step`` (the global step at which that p was computed) and the phase's loss terms.
         """
         from reference_tf.dpsom.data import batches
         from reference_tf.dpsom.evaluate import evaluate
@@ -195,16 +205,19 @@ class Trainer:
         end = len(plan) if stop_after is None else max(done, min(len(plan), int(stop_after)))
         try:
             for epoch in plan[done:end]:
-                p_epoch = None
+                p_epoch, p_step = None, None
                 if epoch.phase == "joint":
-                    p_epoch = target_distribution(self.q_all(data.x_train, n_chunks=10))
-                    if replay_rng:  # the original's q pass over the whole val stream
+                    p_step = self.global_step
+                    eps_q = None if eps is None else eps((len(data.x_train), cfg.latent_dim))
+                    p_epoch = target_distribution(self.q_all(data.x_train, n_chunks=10, eps=eps_q))
+                    if replay_rng and eps is None:  # the original's q pass over the whole val stream
                         m.skip_native_eps(len(data.x_val))
                 for ii in range(steps):
                     x = next(gen)
                     p = None if p_epoch is None else p_epoch[ii * B : (ii + 1) * B]
-                    record = self.step(epoch.phase, x, epoch.lr_feed, p=p, all_terms=False)
-                    if replay_rng:  # the original's logging runs after this train step
+                    e = None if eps is None else eps((len(x), cfg.latent_dim))
+                    record = self.step(epoch.phase, x, epoch.lr_feed, eps=e, p=p, all_terms=False)
+                    if replay_rng and eps is None:  # the original's logging runs after this train step
                         if epoch.phase == "joint":
                             m.skip_native_eps(B, 1 + (4 if ii % 100 == 0 else 0))
                         elif ii % 100 == 0:
@@ -216,6 +229,9 @@ class Trainer:
                             f"{record['global_step'] - 1} (phase {epoch.phase!r}, epoch {epoch.index + 1}/{len(plan)}, "
                             f"batch {ii}); last good checkpoint: {last_ckpt}"
                         )
+                    if on_step is not None:
+                        on_step({"phase": epoch.phase, "epoch": epoch.index, "lr_feed": epoch.lr_feed, **record,
+                                 "p": p, "p_step": p_step})
                     gs = record["global_step"]
                     if writer is not None and (gs % log_every == 0 or ii == steps - 1):
                         values = [tf.compat.v1.Summary.Value(tag=f"{epoch.phase}/{k}", simple_value=record[k])

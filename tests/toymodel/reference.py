@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.protocols import Unsupported
 from harness.transplant import TransplantError, check_weights
 
 LAYERS = (("encoder.fc1", "d", "hidden"), ("encoder.fc2", "hidden", "latent"), ("decoder.fc1", "latent", "hidden"),
@@ -130,11 +131,13 @@ class NumpyReference:
         return f"{path}.npz"
 
     def initial_weights(self) -> dict[str, np.ndarray]:
-        from harness.protocols import Unsupported
-
         raise Unsupported("the toy reference's own initialisation (U(-0.5, 0.5) from one fixed stream) is not redrawn")
 
     def prepare_data(self, raw, validation: bool = False) -> dict[str, np.ndarray]:
-        from harness.protocols import Unsupported
-
         raise Unsupported("the toy reference has no data path of its own (it is fed arrays)")
+
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        raise Unsupported("the toy reference has no training loop of its own")
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        raise Unsupported("the toy reference has no evaluation of its own")
