@@ -242,17 +242,13 @@ class DPSOM:
             z_dist = L.z_dist_flat(z, emb, cfg.som_dim)
         with vs("k"):
             k = tf.argmin(z_dist, axis=-1, name="k")
+        # node k's grid row and column, and its torus neighbours', as the config's som_index says
+        # ("original": row k // som_dim[0], column k % som_dim[1], wraps as branches; see losses.py)
+        nodes = L.grid_neighbours(k, cfg.som_dim, cfg.som_index, where=tf.where)
         with vs("z_q"):
-            k_1, k_2 = k // R, k % C
-            z_q = tf.gather_nd(emb, tf.stack([k_1, k_2], axis=1), name="z_q")
+            z_q = tf.gather_nd(emb, tf.stack(nodes[0], axis=1), name="z_q")
         with vs("z_q_neighbors"):
-            up, down = (k_1 + 1) % R, (k_1 - 1) % R
-            right, left = (k_2 + 1) % C, (k_2 - 1) % C
-            z_q_neighbours = tf.stack(
-                [z_q]
-                + [tf.gather_nd(emb, tf.stack(rc, axis=1)) for rc in ((up, k_2), (down, k_2), (k_1, right), (k_1, left))],
-                axis=1,
-            )
+            z_q_neighbours = tf.stack([z_q] + [tf.gather_nd(emb, tf.stack(rc, axis=1)) for rc in nodes[1:]], axis=1)
 
         # --- decoder (scope reconstruction_e/decoder) ---
         with vs("reconstruction_e"), vs("decoder", reuse=tf.compat.v1.AUTO_REUSE):
@@ -310,7 +306,7 @@ class DPSOM:
         with vs("loss_som"):
             with vs("q_ng"):
                 q_ng = L.student_t_q(L.z_dist_flat(tf.stop_gradient(z), emb, cfg.som_dim), cfg.alpha, cfg.q_epsilon)
-            som = L.loss_som(q, q_ng, cfg.som_dim)
+            som = L.loss_som(q, q_ng, cfg.som_dim, cfg.som_index)
         with vs("loss"):
             total = L.total(elbo, kl_pq, som, cfg.theta, cfg.gamma, cfg.beta)
         with vs("loss_a"):
