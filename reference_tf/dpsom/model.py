@@ -41,6 +41,12 @@ Deliberate deviations (none changes a formula; see also losses.py for the q eval
   ref variable is read separately by each consumer; ``loss_a`` fetched in the same run as a joint
   train op -- which the original never does -- may then see updated embeddings.)
 * No summary ops are built (TensorBoard scalars are written by train.py from fetched values).
+* **SOM index** (config ``som_index``). ``"original"`` (default) locates node k as the original
+  does (row k // som_dim[0], column k % som_dim[1], wraps as branches with the left one to column
+  som_dim[0] - 1, loss_som's flat neighbour row * som_dim[0] + column): right on square grids only,
+  so the config refuses any other grid with it, saying why (on a non-square grid the original reads
+  outside the grid: InvalidArgumentError on CPU, zeros on GPU). ``"row_major"`` is the declared
+  correction that runs any grid, on both sides (losses.grid_neighbours / neighbour_table).
 """
 
 from __future__ import annotations
