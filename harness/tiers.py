@@ -13,6 +13,11 @@ get the same arrays, and the engine (harness/engine.py) judges, element by eleme
   loss, and weights + optimizer state after one step of each phase (in the spec's order), the
   port's optimizer fed the gradients the reference's train op applied;
 * T2/T3 again with both sides in float64.
+
+A port that cannot be built is a FAIL row ``make_port``; a port method that raises (forward,
+gradients, apply_gradients ...) is a FAIL row named after the call, with the exception and the
+frame it came from, in a section ``<tier> port raised``, and the run stops there (the report keeps
+what was judged before). An exception of the reference or the harness still propagates.
 """
 
 from __future__ import annotations
@@ -223,7 +228,7 @@ class QuickTier:
             sections[f"{self._tier} port raised"] = [_fail(call, _raised_note(err))]
             return self._report(sections, {k: v for k, v in floors_.items() if v is not None}, t0)
         finally:
-            self._guards = []
+            self._port_raised = None  # (the exception's traceback holds the port's frames)
             if self.weights0 is None:  # back in memory for a later run (the peak is behind)
                 self.weights0 = dict(spill.get("weights0", copy=True))
             spill.close()
@@ -567,20 +572,21 @@ class QuickTier:
 
     # --- a port that raises -------------------------------------------------------------------------
     def _guard(self, port: PortSide) -> PortSide:
-        """``port`` behind a :class:`_Guarded` proxy that remembers which of its methods raised what."""
-        guarded = _Guarded(port)
-        self._guards = [*getattr(self, "_guards", []), guarded]
-        return guarded  # type: ignore[return-value]
+        """``port`` behind a :class:`_Guarded` proxy that records in this tier which of its methods
+        raised what (the tier keeps no reference to the port: freeing it still frees its memory)."""
+        def record(name: str, err: BaseException) -> None:
+            self._port_raised = (name, err)
+
+        return _Guarded(port, record)  # type: ignore[return-value]
 
     def _raised_by_port(self, err: BaseException) -> str | None:
         """The port method whose exception ``err`` is (or caused), else None."""
-        chain, seen = [], err
-        while seen is not None and seen not in chain:
-            chain.append(seen)
+        raised = getattr(self, "_port_raised", None)
+        seen: BaseException | None = err
+        while seen is not None and raised is not None:
+            if seen is raised[1]:
+                return raised[0]
             seen = seen.__cause__ or seen.__context__
-        for guarded in getattr(self, "_guards", []):
-            if guarded.raised is not None and any(guarded.raised[1] is e for e in chain):
-                return guarded.raised[0]
         return None
 
     # --- report -----------------------------------------------------------------------------------
@@ -611,13 +617,13 @@ _NEXT_TIER = {"T0": "T1", "T1": "T2", "T2": "T3", "T3": "T2"}
 
 
 class _Guarded:
-    """A port seen through a proxy that records the last method that raised, and its exception
-    (:class:`Unsupported` excepted: that is a capability answer, handled where it is asked), so the
+    """A port seen through a proxy that reports (``record(name, exception)``) each method that
+    raises (:class:`Unsupported` excepted: that is a capability answer, handled where it is asked), so the
     quick tier reports a port that raises as a FAIL row named after the call instead of crashing.
     Attributes that are not methods (``absent``, ``dtype``, ``config``) pass through unchanged."""
 
-    def __init__(self, port: Any):
-        self.__dict__.update(_port=port, raised=None)
+    def __init__(self, port: Any, record: Callable[[str, BaseException], None]):
+        self.__dict__.update(_port=port, _record=record)
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._port, name)
@@ -630,7 +636,7 @@ class _Guarded:
             except Unsupported:
                 raise
             except Exception as err:
-                self.__dict__["raised"] = (name, err)
+                self._record(name, err)
                 raise
 
         return call

@@ -218,7 +218,9 @@ def _original_loss_som_index(mp: pytest.MonkeyPatch) -> None:
         down = torch.where(r > 0, r - 1, rows - 1)
         right = torch.where(c < cols - 1, c + 1, 0)
         left = torch.where(c > 0, c - 1, rows - 1)
-        return tuple(values[:, i] for i in (up * rows + c, down * rows + c, r * rows + right, r * rows + left))
+        at_up, at_down = values[:, up * rows + c], values[:, down * rows + c]
+        at_right, at_left = values[:, r * rows + right], values[:, r * rows + left]  # 3x4: node 10's right is 12
+        return at_up, at_down, at_right, at_left
 
     mp.setattr(losses, "_neighbour_maps", neighbour_maps)
 
