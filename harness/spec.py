@@ -46,6 +46,22 @@ class T4Step:
     epoch_start: bool
 
 
+@dataclass(frozen=True)
+class ConfigCase:
+    """One entry of a model's config matrix (harness/tier_matrix.py): the quick tier again with
+    ``overrides`` (``key=value`` strings, as ``--config`` takes them) on both sides. ``why``: what
+    it exercises that the defaults hide; ``original``: where the original code itself misbehaves
+    under these values and the overrides carry a declared correction, what it does (reported)."""
+
+    overrides: Mapping[str, str]
+    why: str
+    original: str = ""
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.overrides.items()) or "defaults"
+
+
 class ModelSpec:
     """Base of every model spec; subclasses fill in the class attributes and methods."""
 
@@ -176,6 +192,13 @@ class ModelSpec:
         """The whole evaluation set as the original evaluates it (``evaluate_assignments``' data for
         the evaluation tier's ``full=True``), and the data set's name."""
         raise NotImplementedError(f"{self.name}: no evaluation data")
+
+    # --- config matrix ------------------------------------------------------------------------
+    def config_matrix(self, variant: str) -> tuple[ConfigCase, ...]:
+        """Non-default configs the quick tier runs again on both sides (harness/tier_matrix.py), so a
+        bug that shows only off the defaults (a constant hard-coded to its default value, a grid
+        assumed square, a batch assumed even) is seen. None by default."""
+        return ()
 
 
 def models() -> dict[str, ModelSpec]:

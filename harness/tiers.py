@@ -13,12 +13,19 @@ get the same arrays, and the engine (harness/engine.py) judges, element by eleme
   loss, and weights + optimizer state after one step of each phase (in the spec's order), the
   port's optimizer fed the gradients the reference's train op applied;
 * T2/T3 again with both sides in float64.
+
+A port that cannot be built is a FAIL row ``make_port``; a port method that raises (forward,
+gradients, apply_gradients ...) is a FAIL row named after the call, with the exception and the
+frame it came from, in a section ``<tier> port raised``, and the run stops there (the report keeps
+what was judged before). An exception of the reference or the harness still propagates.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+import traceback
+from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping
 
@@ -171,6 +178,7 @@ class QuickTier:
             now = time.perf_counter()
             self.timings[tier] = self.timings.get(tier, 0.0) + now - last[0]  # float64 parts add to T2 / T3
             last[0] = now
+            self._tier = _NEXT_TIER[tier]  # where a port that raises is reported (the float64 pass: T2, then T3)
 
         spill = Spill()
         try:
@@ -191,8 +199,10 @@ class QuickTier:
             except Exception as err:  # noqa: BLE001 -- a port that cannot be built is a FAIL row, not a crash
                 self.timings = {}
                 return self._report({"T1 weights (transplant)": [_fail("make_port", f"{type(err).__name__}: {err}")]}, floors_, t0)
+            port = self._guard(port)
             absent = frozenset(getattr(port, "absent", ()))
             last[0] = time.perf_counter()
+            self._tier = "T0"
             self._stage("T0 config as executed")
             self._t0(port, sections)
             lap("T0")
@@ -218,7 +228,17 @@ class QuickTier:
                 if step == "make_port":
                     self.batchnorm = batchnorm
                 return self._report(sections, {}, t0)
+        except Exception as err:
+            call = self._raised_by_port(err)
+            if call is None:  # the reference or the harness: a bug of ours, not a verdict on the port
+                raise
+            # a port method that raised: a FAIL row named after the call, in the tier that was running;
+            # the run stops there (sections still waiting for their float64 floor are left out)
+            sections = {k: v for k, v in sections.items() if v is not None}
+            sections[f"{self._tier} port raised"] = [_fail(call, _raised_note(err))]
+            return self._report(sections, {k: v for k, v in floors_.items() if v is not None}, t0)
         finally:
+            self._port_raised = None  # (the exception's traceback holds the port's frames)
             if self.weights0 is None:  # back in memory for a later run (the peak is behind)
                 self.weights0 = dict(spill.get("weights0", copy=True))
             spill.close()
@@ -413,6 +433,7 @@ class QuickTier:
             port64 = make_port(self.config, "float64")
         except Exception as err:  # noqa: BLE001
             return "make_port", {"T1 weights (transplant)": [_fail("make_port", f"{type(err).__name__}: {err}")]}
+        port64 = self._guard(port64)
         try:
             port64.set_weights(dict(weights0))
         except TransplantError as err:
@@ -485,7 +506,7 @@ class QuickTier:
                 del port64
                 self._release()
                 self._stage("port float64: build again at the post-step weights")
-                port64 = make_port(self.config, "float64")
+                port64 = self._guard(make_port(self.config, "float64"))
                 port64.set_weights(spill.get(f"port64 weights {i}", copy=True))
             finish(name, spill.get(f"port64 {ph.loss}") if i == 0 else port64.gradients(ph.loss, batch))
             if i == 0:
@@ -594,6 +615,25 @@ class QuickTier:
         back = port.get_weights()
         return [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in self.weights0.items() if k not in absent]
 
+    # --- a port that raises -------------------------------------------------------------------------
+    def _guard(self, port: PortSide) -> PortSide:
+        """``port`` behind a :class:`_Guarded` proxy that records in this tier which of its methods
+        raised what (the tier keeps no reference to the port: freeing it still frees its memory)."""
+        def record(name: str, err: BaseException) -> None:
+            self._port_raised = (name, err)
+
+        return _Guarded(port, record)  # type: ignore[return-value]
+
+    def _raised_by_port(self, err: BaseException) -> str | None:
+        """The port method whose exception ``err`` is (or caused), else None."""
+        raised = getattr(self, "_port_raised", None)
+        seen: BaseException | None = err
+        while seen is not None and raised is not None:
+            if seen is raised[1]:
+                return raised[0]
+            seen = seen.__cause__ or seen.__context__
+        return None
+
     # --- report -----------------------------------------------------------------------------------
     def _report(self, sections: dict[str, list[Comparison]], floors_: dict, t0: float) -> dict[str, Any]:
         first = engine.first_divergence(sections)
@@ -616,6 +656,42 @@ class QuickTier:
             "batchnorm": None if getattr(self, "batchnorm", None) is None else self.batchnorm.to_dict(orient="records"),
             "_sections": sections,
         }
+
+
+_NEXT_TIER = {"T0": "T1", "T1": "T2", "T2": "T3", "T3": "T2"}
+
+
+class _Guarded:
+    """A port seen through a proxy that reports (``record(name, exception)``) each method that
+    raises (:class:`Unsupported` excepted: that is a capability answer, handled where it is asked), so the
+    quick tier reports a port that raises as a FAIL row named after the call instead of crashing.
+    Attributes that are not methods (``absent``, ``dtype``, ``config``) pass through unchanged."""
+
+    def __init__(self, port: Any, record: Callable[[str, BaseException], None]):
+        self.__dict__.update(_port=port, _record=record)
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._port, name)
+        if name.startswith("_") or not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            try:
+                return value(*args, **kwargs)
+            except Unsupported:
+                raise
+            except Exception as err:
+                self._record(name, err)
+                raise
+
+        return call
+
+
+def _raised_note(err: BaseException) -> str:
+    """``Type: message [raised in <function>, <file>:<line>]``: the exception and the innermost frame it came from."""
+    frames = traceback.extract_tb(err.__traceback__)
+    where = f" [raised in {frames[-1].name}, {Path(frames[-1].filename).name}:{frames[-1].lineno}]" if frames else ""
+    return f"{type(err).__name__}: {err}{where}"
 
 
 def _fail(name: str, note: str) -> Comparison:

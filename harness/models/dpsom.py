@@ -16,7 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from harness.protocols import Batch, PortSide, ReferenceSide
-from harness.spec import ModelSpec, Phase, Probe, T4Step
+from harness.spec import ConfigCase, ModelSpec, Phase, Probe, T4Step
 
 FAR_SOM = 300.0  # embeddings scale of the far-SOM probe (z_dist ~ 1e2-1e4 at initialisation)
 SOM_INIT_LRS = (0.9, 0.3, 0.1, 0.01)
@@ -232,6 +232,29 @@ class DPSOMSpec(ModelSpec):
         raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
 
 
+    # --- config matrix ------------------------------------------------------------------------------
+    def config_matrix(self, variant: str) -> tuple[ConfigCase, ...]:
+        """Every value below differs from its default in every variant (batch 7 is odd and neither 300
+        nor the tiny variants' 5; the tiny grids are 3x3, the full ones 8x8). The conv variant's
+        quick tier costs minutes per config, so the matrix is declared for the dense variants only."""
+        if self.get_config(variant).convolution:
+            return ()
+        original = ("the original cannot run a {0} grid: it locates node k at row k // {1}, column k % {2} and its "
+                    "loss_som flattens neighbours as row * {1} + column, addressing nodes outside the grid "
+                    "(tf.gather_nd: InvalidArgumentError on CPU, zeros on GPU, so loss_som = inf); both sides run "
+                    "the declared correction som_index=row_major")
+        return (
+            ConfigCase({"prior_var": "2"}, "prior std 2: the KL's 1/s^2 and 2D ln s terms, invisible at s = 1"),
+            ConfigCase({"alpha": "3.5"}, "Student-t degrees of freedom 3.5: q's exponent (alpha+1)/2 and d/alpha"),
+            ConfigCase({"batch_size": "7"}, "an odd batch: batch means and the reference's uneven batch split (3 + 4)"),
+            ConfigCase({"som_dim": "3,4", "som_index": "row_major"}, "a 3x4 SOM (wider than tall): row/column roles",
+                       original.format("3x4", 3, 4)),
+            ConfigCase({"som_dim": "4,3", "som_index": "row_major"}, "a 4x3 SOM (taller than wide): row/column roles",
+                       original.format("4x3", 4, 3)),
+        )
+
+
 OWNLOOP_BATCH, OWNLOOP_BATCHES, OWNLOOP_DECAY_STEPS = 16, 3, 2
+
 
 SPEC = DPSOMSpec()

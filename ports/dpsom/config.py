@@ -40,6 +40,14 @@ BN_MODES = ("frozen_affine", "batch_stats")
 # (-> Dropout) -> BN. "before_activation" (the public port's dense blocks): Dense/Conv -> BN ->
 # LeakyReLU (-> Dropout).
 BN_ORDERS = ("after_activation", "before_activation")
+# How node k of the som_dim = (R, C) grid (embeddings [R, C, D], flattened row-major) is located.
+# "original": as DPSOM_model.py (HEAD eb41e7d) computes it: row k // R, column k % C; torus wraps by
+# branches (the left wrap goes to column R - 1); loss_som flattens a neighbour as row * R + column.
+# Right on square grids only: on every other grid of at least 2 x 2 it addresses nodes outside the
+# grid (TF on CPU raises InvalidArgumentError, on GPU tf.gather_nd reads zeros: log 0 in loss_som).
+# "row_major": row k // C, column k % C, neighbours (r +- 1) mod R, (c +- 1) mod C, flat r * C + c;
+# identical to "original" on square grids, and what the original means on any grid.
+SOM_INDEXES = ("original", "row_major")
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,7 @@ class DPSOMConfig:
     bn_epsilon: float = KERAS_BN_EPSILON
     leaky_relu_slope: float = LEAKY_RELU_SLOPE
     q_epsilon: float = Q_EPSILON
+    som_index: str = "original"  # SOM_INDEXES; "row_major" is the declared fix that makes non-square grids run
     # evaluation
     eval_assignment: str = "sample"  # original: BMU of a random sample z ("mean": of mu)
     nmi_average_method: str = "geometric"
@@ -97,9 +106,20 @@ class DPSOMConfig:
             raise ValueError(f"dropout={self.dropout!r}: an active dropout rate must lie in [0, 1)")
         if self.eval_assignment not in ("sample", "mean"):
             raise ValueError(f"eval_assignment={self.eval_assignment!r}; expected 'sample' or 'mean'")
-        if len(self.som_dim) != 2 or self.som_dim[0] != self.som_dim[1]:
-            # The original divides by som_dim[0] and takes the modulus with som_dim[1].
-            raise ValueError(f"som_dim={self.som_dim}: the original supports square grids only")
+        if self.som_index not in SOM_INDEXES:
+            raise ValueError(f"som_index={self.som_index!r}; expected one of {SOM_INDEXES}")
+        if len(self.som_dim) != 2 or min(self.som_dim) < 1:
+            raise ValueError(f"som_dim={self.som_dim}: expected two positive grid sizes (rows, columns)")
+        if self.som_index == "original" and self.som_dim[0] != self.som_dim[1]:
+            rows, cols = self.som_dim
+            raise ValueError(
+                f"som_dim={self.som_dim} with som_index='original': the original code (DPSOM_model.py) locates node k "
+                f"at row k // som_dim[0], column k % som_dim[1] and flattens a neighbour as row * som_dim[0] + column, "
+                f"which is right on square grids only; on this {rows}x{cols} grid it addresses nodes outside the grid "
+                f"(the original raises InvalidArgumentError from tf.gather_nd on CPU and reads zeros on GPU, so loss_som "
+                f"is inf). Set som_index=row_major (node k at row k // {cols}, column k % {cols}, a torus) to run a "
+                f"non-square grid on both sides: a declared correction of the original."
+            )
         if self.convolution and tuple(self.image_shape[:2]) != (28, 28):
             raise ValueError("the conv variant needs 28x28 inputs (two 2x2 poolings to 7x7)")
 

@@ -20,7 +20,10 @@ What "faithful" means here (specs/dpsom.md §1, §3, §4):
 Deviations are explicit config switches, none on by default: ``bn_mode="batch_stats"``,
 ``bn_order="before_activation"`` (Dense/Conv -> BN -> LeakyReLU -> Dropout, the public port's
 dense ordering) and ``dropout_active=True`` (Dropout(``dropout``) fires in training mode, in the
-dense encoder where the original declares it). ``forward`` returns every named intermediate in
+dense encoder where the original declares it). The SOM index is row-major on a torus (node k at row
+k // C, column k % C of the (R, C) grid): the original's own index (row k // som_dim[0], see
+config.SOM_INDEXES) equals it on square grids, the only ones ``som_index="original"`` admits, and a
+non-square grid runs under the declared correction ``som_index="row_major"``. ``forward`` returns every named intermediate in
 canonical (TF/NHWC) layout, in execution order; whatever the order, ``*.bnN`` is the BN output and
 ``*.fcN`` / ``*.convN`` / ``*.deconvN`` the LeakyReLU output of block N.
 """

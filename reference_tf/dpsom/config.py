@@ -16,6 +16,7 @@ from ports.dpsom.config import (  # noqa: F401  (re-exports)
     KERAS_BN_MOMENTUM,
     LEAKY_RELU_SLOPE,
     Q_EPSILON,
+    SOM_INDEXES,
     TRIL_DIAG_SHIFT,
     VARIANTS,
     DPSOMConfig,
@@ -26,6 +27,6 @@ from ports.dpsom.config import (  # noqa: F401  (re-exports)
 
 __all__ = [
     "ADAM_BETA1", "ADAM_BETA2", "ADAM_EPSILON", "BN_MODES", "EMBEDDING_INIT_STDDEV",
-    "KERAS_BN_EPSILON", "KERAS_BN_MOMENTUM", "LEAKY_RELU_SLOPE", "Q_EPSILON", "TRIL_DIAG_SHIFT",
+    "KERAS_BN_EPSILON", "KERAS_BN_MOMENTUM", "LEAKY_RELU_SLOPE", "Q_EPSILON", "SOM_INDEXES", "TRIL_DIAG_SHIFT",
     "VARIANTS", "DPSOMConfig", "get_config", "parse_overrides", "replace",
 ]

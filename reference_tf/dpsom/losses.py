@@ -68,20 +68,46 @@ def z_dist_flat(z, embeddings, som_dim):
     return tf.reshape(tf.reduce_sum(diff, axis=-1), [-1, som_dim[0] * som_dim[1]])
 
 
-def neighbour_table(som_dim):
-    """Flat indices of the 4 torus neighbours of every node, shape [K, 4] (int32).
+def grid_neighbours(k, som_dim, som_index="row_major", where=np.where):
+    """Grid (row, column) of node ``k`` and of its 4 torus neighbours: [(self), up, down, right, left].
 
-    Columns in the original's order: up (r+1) mod R, down (r-1) mod R, right (c+1) mod C,
-    left (c-1) mod C; the node itself is not included.
+    ``k`` holds flat node indices (a numpy array, or an integer tensor with ``where=tf.where``).
+    ``som_index`` (config ``som_index``): ``"row_major"``, node k at row k // C, column k % C of the
+    (R, C) = ``som_dim`` grid, neighbours (r +- 1) mod R and (c +- 1) mod C; ``"original"``, as the
+    original code computes them: row k // som_dim[0], column k % som_dim[1], the wraps written as
+    branches (up past the last row -> 0, down past 0 -> R - 1, right past the last column -> 0, left
+    past 0 -> column som_dim[0] - 1). The two agree on square grids; elsewhere "original" leaves the
+    grid (tests/test_tier_matrix.py tabulates where).
     """
     rows, cols = som_dim
-    k = np.arange(rows * cols)
-    r, c = k // cols, k % cols
-    up = ((r + 1) % rows) * cols + c
-    down = ((r - 1) % rows) * cols + c
-    right = r * cols + (c + 1) % cols
-    left = r * cols + (c - 1) % cols
-    return np.stack([up, down, right, left], axis=1).astype(np.int32)
+    if som_index == "row_major":
+        r, c = k // cols, k % cols
+        return [(r, c), ((r + 1) % rows, c), ((r - 1) % rows, c), (r, (c + 1) % cols), (r, (c - 1) % cols)]
+    if som_index != "original":
+        raise ValueError(f"som_index={som_index!r}; expected 'original' or 'row_major'")
+    r, c = k // rows, k % cols
+    zero = k * 0
+    up = where(r < rows - 1, r + 1, zero)
+    down = where(r > 0, r - 1, zero + (rows - 1))
+    right = where(c < cols - 1, c + 1, zero)
+    left = where(c > 0, c - 1, zero + (rows - 1))  # the original wraps left to som_dim[0] - 1, not som_dim[1] - 1
+    return [(r, c), (up, c), (down, c), (r, right), (r, left)]
+
+
+def flat_node(row, col, som_dim, som_index="row_major"):
+    """Flat index of grid node (row, col): ``row * C + col``; the original's loss_som uses ``row * som_dim[0] + col``."""
+    return row * (som_dim[1] if som_index == "row_major" else som_dim[0]) + col
+
+
+def neighbour_table(som_dim, som_index="row_major"):
+    """Flat indices of the 4 torus neighbours of every node, shape [K, 4] (int32), as ``loss_som``
+    gathers them: columns up, down, right, left (:func:`grid_neighbours`, flattened by
+    :func:`flat_node`); the node itself is not included. Under ``"original"`` on a non-square grid
+    some entries are >= K (outside q_ng): the original's loss_som cannot run there.
+    """
+    k = np.arange(som_dim[0] * som_dim[1])
+    pairs = grid_neighbours(k, som_dim, som_index)[1:]
+    return np.stack([flat_node(r, c, som_dim, som_index) for r, c in pairs], axis=1).astype(np.int32)
 
 
 # --- Soft assignments (paper: Student-t kernel) -----------------------------------------------
@@ -117,7 +143,7 @@ def kl_pq(p, q):
     return tf.reduce_mean(tf.reduce_sum(p * tf.math.log(p / q), axis=1))
 
 
-def loss_som(q, q_ng, som_dim):
+def loss_som(q, q_ng, som_dim, som_index="row_major"):
     """SOM neighbourhood loss (code ``loss_som``; paper "S-SOM").
 
     ``L_SOM = -(1/B) sum_i sum_j sg(q_ij) sum_{e in N(j)} log q_ng,ie`` with N(j) the 4 torus
@@ -125,7 +151,7 @@ def loss_som(q, q_ng, som_dim):
     Neighbour logs are summed first (up, down, right, left), weighted, summed over K, averaged over
     B. Gradient reaches the embeddings only.
     """
-    table = neighbour_table(som_dim)  # [K, 4]
+    table = neighbour_table(som_dim, som_index)  # [K, 4]
     # q_ng[:, up(j)] etc., gathered as the original does (rows of q_ng^T via gather_nd): its
     # IndexedSlices gradient fixes the order in which the 4 neighbour terms are summed.
     q_t = tf.transpose(q_ng)  # [K, B]

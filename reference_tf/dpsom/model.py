@@ -41,6 +41,12 @@ Deliberate deviations (none changes a formula; see also losses.py for the q eval
   ref variable is read separately by each consumer; ``loss_a`` fetched in the same run as a joint
   train op -- which the original never does -- may then see updated embeddings.)
 * No summary ops are built (TensorBoard scalars are written by train.py from fetched values).
+* **SOM index** (config ``som_index``). ``"original"`` (default) locates node k as the original
+  does (row k // som_dim[0], column k % som_dim[1], wraps as branches with the left one to column
+  som_dim[0] - 1, loss_som's flat neighbour row * som_dim[0] + column): right on square grids only,
+  so the config refuses any other grid with it, saying why (on a non-square grid the original reads
+  outside the grid: InvalidArgumentError on CPU, zeros on GPU). ``"row_major"`` is the declared
+  correction that runs any grid, on both sides (losses.grid_neighbours / neighbour_table).
 """
 
 from __future__ import annotations
@@ -242,17 +248,13 @@ class DPSOM:
             z_dist = L.z_dist_flat(z, emb, cfg.som_dim)
         with vs("k"):
             k = tf.argmin(z_dist, axis=-1, name="k")
+        # node k's grid row and column, and its torus neighbours', as the config's som_index says
+        # ("original": row k // som_dim[0], column k % som_dim[1], wraps as branches; see losses.py)
+        nodes = L.grid_neighbours(k, cfg.som_dim, cfg.som_index, where=tf.where)
         with vs("z_q"):
-            k_1, k_2 = k // R, k % C
-            z_q = tf.gather_nd(emb, tf.stack([k_1, k_2], axis=1), name="z_q")
+            z_q = tf.gather_nd(emb, tf.stack(nodes[0], axis=1), name="z_q")
         with vs("z_q_neighbors"):
-            up, down = (k_1 + 1) % R, (k_1 - 1) % R
-            right, left = (k_2 + 1) % C, (k_2 - 1) % C
-            z_q_neighbours = tf.stack(
-                [z_q]
-                + [tf.gather_nd(emb, tf.stack(rc, axis=1)) for rc in ((up, k_2), (down, k_2), (k_1, right), (k_1, left))],
-                axis=1,
-            )
+            z_q_neighbours = tf.stack([z_q] + [tf.gather_nd(emb, tf.stack(rc, axis=1)) for rc in nodes[1:]], axis=1)
 
         # --- decoder (scope reconstruction_e/decoder) ---
         with vs("reconstruction_e"), vs("decoder", reuse=tf.compat.v1.AUTO_REUSE):
@@ -310,7 +312,7 @@ class DPSOM:
         with vs("loss_som"):
             with vs("q_ng"):
                 q_ng = L.student_t_q(L.z_dist_flat(tf.stop_gradient(z), emb, cfg.som_dim), cfg.alpha, cfg.q_epsilon)
-            som = L.loss_som(q, q_ng, cfg.som_dim)
+            som = L.loss_som(q, q_ng, cfg.som_dim, cfg.som_index)
         with vs("loss"):
             total = L.total(elbo, kl_pq, som, cfg.theta, cfg.gamma, cfg.beta)
         with vs("loss_a"):
