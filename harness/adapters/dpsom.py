@@ -113,9 +113,8 @@ class TorchDPSOM(TorchPortAdapter):
         opt.beta1_power, opt.beta2_power = np.float32(state["optim.beta1_power"]), np.float32(state["optim.beta2_power"])
         with torch.no_grad():
             for n in opt.params:
-                for slot, live in (("adam_m", opt.m[n]), ("adam_v", opt.v[n])):
-                    value = np.asarray(state[f"{n}/{slot}"])  # a read-only one (a zero view, harness.memory) is copied
-                    live.copy_(torch.from_numpy(value if value.flags.writeable else np.array(value)))
+                opt.m[n].copy_(torch.as_tensor(np.asarray(state[f"{n}/adam_m"])))
+                opt.v[n].copy_(torch.as_tensor(np.asarray(state[f"{n}/adam_v"])))
 
     def optimizer_constants(self, phase: str | None = None) -> dict[str, Any]:
         """Adam's constants as the port's optimizer object holds them; the ε placement probed."""

@@ -205,8 +205,9 @@ class TorchPortAdapter:
                 unknown.append(name)
                 continue
             for r in self._rows[canonical]:  # a partially mapped weight gets the part of its slot that maps
-                if r.torch_key:
-                    slots.setdefault(r.torch_key, {})[slot] = canonical_to_torch(np.asarray(value), r.torch_transform)
+                if r.torch_key:  # writable and its own memory (a zero view, harness.memory, becomes zeros)
+                    given = canonical_to_torch(np.asarray(value), r.torch_transform)
+                    slots.setdefault(r.torch_key, {})[slot] = given if given.flags.writeable else np.array(given)
         if unknown:
             raise TransplantError(f"{self.name}.set_optimizer_state: nothing loaded; unexpected: {sorted(unknown)}")
         self._write_optimizer(phase, scalars, slots)
