@@ -166,8 +166,12 @@ def _t4(args, spec: ModelSpec, variant: str, out_dir: Path, stem, flags: dict, m
 PIPELINE: dict[str, tuple[str, str]] = {
     "D": ("harness.tier_data", "data: each side's own data path on the raw data, bit for bit and against the original's rule"),
     "I": ("harness.tier_init", "initialisers: each side's own, drawn many times, against the distributions the original defines"),
+    "E": ("harness.tier_eval", "evaluation: each side's own cluster assignment and metrics on the same weights and noise"),
+    "L": ("harness.tier_ownloop", "own loop: each side's own training loop on a reduced schedule, compared step by step"),
+    "M": ("harness.tier_matrix", "config matrix: the quick tier again under the spec's non-default configs"),
 }
-DEFAULT_TIERS = ("quick", *PIPELINE)
+# the laptop job (<= 4 GB, minutes): L (conv: 4.3 GB) and M (the quick tier once per config) are asked for by name
+DEFAULT_TIERS = ("quick", "D", "I", "E")
 
 
 def parse_tiers(value: str) -> tuple[str, ...]:

@@ -63,12 +63,14 @@ def summary_row(case: ConfigCase, report: Mapping[str, Any]) -> Comparison:
 
 def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = None, make_port: MakePort | None = None,
         cases: Iterable[ConfigCase] | None = None, full: bool = False, multiple: float = MULTIPLE, registry: dict | None = None,
-        tiers: dict[str, QuickTier] | None = None, reports: dict[str, dict] | None = None) -> dict[str, list[Comparison]]:
+        tiers: dict[str, QuickTier] | None = None, reports: dict[str, dict] | None = None,
+        overrides: Mapping[str, str] | None = None) -> dict[str, list[Comparison]]:
     """The quick tier under each of ``cases`` (default: ``spec.config_matrix(variant)``), judged as
     the default run is; section name -> rows (module docstring). ``make_port(config, dtype)`` builds
     the port (default: the spec's). ``tiers``: a dict that keeps each config's :class:`QuickTier`
     (with its reference values cached) across calls, e.g. to judge several ports cheaply; without
-    it every run frees what it held. ``reports``: filled with each config's full report."""
+    it every run frees what it held. ``reports``: filled with each config's full report. ``overrides``
+    (``--config``): applied under every case (a case's own values win)."""
     cases = tuple(spec.config_matrix(variant) if cases is None else cases)
     sections: dict[str, list[Comparison]] = {SUMMARY: []}
     for case in cases:
@@ -76,7 +78,7 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
         tier = None if tiers is None else tiers.get(label)
         if tier is None:
             try:
-                tier = QuickTier(spec, variant, seed, dataset, multiple=multiple, registry=registry, overrides=dict(case.overrides),
+                tier = QuickTier(spec, variant, seed, dataset, multiple=multiple, registry=registry, overrides={**(overrides or {}), **case.overrides},
                                  cache=tiers is not None)
             except Exception as err:  # noqa: BLE001 -- a config that cannot be built is a FAIL row; the others still run
                 sections[SUMMARY].append(_fail(label, f"config: {type(err).__name__}: {err}"))
