@@ -496,18 +496,9 @@ class QuickTier:
         for loss in dict.fromkeys(ph.loss for ph in spec.phases):  # the float64 tier's gradients: at the initial weights
             spill.put(f"port64 {loss}", port64.gradients(loss, batch))
             self._release()
-        for i, ph in enumerate(spec.phases):
+        phases = spec.phases
+        for i, ph in enumerate(phases):
             name = f"T3 gradients of {ph.loss}"
-            if i:  # built again at the weights its steps left, its optimizer state on disk until its next step:
-                # the gradients and floors at the post-step weights then run without the Adam slots in memory
-                # (conv float64: 1 GiB). A port's gradients are a function of its (mapped) weights.
-                spill.put(f"port64 weights {i}", port64.get_weights())
-                spill.put(f"port64 optimizer {i}", port64.optimizer_state(ph.name))
-                del port64
-                self._release()
-                self._stage("port float64: build again at the post-step weights")
-                port64 = self._guard(make_port(self.config, "float64"))
-                port64.set_weights(spill.get(f"port64 weights {i}", copy=True))
             finish(name, spill.get(f"port64 {ph.loss}") if i == 0 else port64.gradients(ph.loss, batch))
             if i == 0:
                 sections[name] = engine.explain_by_kinks(sections[name], kinks, order)
@@ -521,15 +512,29 @@ class QuickTier:
             if i:
                 port64.set_optimizer_state(spill.get(f"port64 optimizer {i}", copy=True), ph.name)
             port64.apply_gradients(ph.name, for_side(self._steps[i][1]), ph.lr_feed)
-            for j, (what, get) in enumerate((("weights", lambda s: s.get_weights()), ("optimizer", lambda s, phase=ph.name: s.optimizer_state(phase)))):
-                name = f"T3 step {ph.name}: {what}"
-                t32, t64 = spill.get(f"port32 {name}"), get(port64)
-                floors_[name] = {"float64": floors(t32, t64)}
-                del t64
-                sections[name] = judge(self._steps[i][2 + j], t32, floors_[name], self.multiple, absent=absent, constants=self.constants)
+            # The twin's state after the step goes to disk and the twin is dropped: its step is judged
+            # from there, and the next phase's twin is built again at those weights (gradients are a
+            # function of the mapped weights), its optimizer state loaded only for its own step. No
+            # gradient, floor or judgement then runs beside the Adam slots (conv float64: 1 GiB).
+            steps = ((f"T3 step {ph.name}: weights", lambda s: s.get_weights()),
+                     (f"T3 step {ph.name}: optimizer", lambda s, phase=ph.name: s.optimizer_state(phase)))
+            if i + 1 < len(phases):
+                steps += ((f"optimizer {i + 1}", lambda s, phase=phases[i + 1].name: s.optimizer_state(phase)),)
+            for key, get in steps:
+                spill.put(f"port64 {key}", get(port64))
                 self._release()
-        del port64
-        self._release()
+            del port64
+            self._release()
+            for j, key in enumerate(k for k, _ in steps[:2]):
+                t32, t64 = spill.get(f"port32 {key}"), spill.get(f"port64 {key}")
+                floors_[key] = {"float64": floors(t32, t64)}
+                del t64
+                sections[key] = judge(self._steps[i][2 + j], t32, floors_[key], self.multiple, absent=absent, constants=self.constants)
+                self._release()
+            if i + 1 < len(phases):
+                self._stage("port float64: build again at the post-step weights")
+                port64 = self._guard(make_port(self.config, "float64"))
+                port64.set_weights(spill.get(f"port64 T3 step {ph.name}: weights", copy=True))
         for loss in dict.fromkeys(ph.loss for ph in spec.phases):
             finish64(loss, spill.get(f"port64 {loss}"))
         lap("T3")
