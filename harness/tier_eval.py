@@ -126,7 +126,7 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
     rng = np.random.Generator(np.random.PCG64(seed))
     key = ("eval", spec.name, variant, seed, dataset, tuple(sorted((overrides or {}).items())), full)
     cached = (reuse or {}).get(key)
-    reference = None if cached else spec.make_reference(cfg)
+    reference = None if cached else spec.make_evaluation_reference(cfg, "float32")  # never stepped: no optimizer state
     try:
         weights = cached["weights"] if cached else spec.draw_weights({k: v.shape for k, v in reference.get_weights().items()}, rng)
         noise_seed = cached["noise_seed"] if cached else int(rng.integers(2**63))
@@ -138,6 +138,9 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
                 side = side if side is not None else make_port(cfg, "float32")
                 side.set_weights(weights)
                 results[label] = side.evaluate_assignments(data, NoiseStream(noise_seed))
+                if label == "reference":  # one side in memory at a time
+                    getattr(reference, "close", lambda: None)()
+                    side = reference = None
             except Unsupported as err:
                 return {ASSIGNMENTS: [skipped("evaluate_assignments", f"{label}: {err}")]}
     finally:
