@@ -126,7 +126,7 @@ def run(spec: ModelSpec, variant: str, *, seed: int = 0, dataset: str | None = N
     rng = np.random.Generator(np.random.PCG64(seed))
     key = ("eval", spec.name, variant, seed, dataset, tuple(sorted((overrides or {}).items())), full)
     cached = (reuse or {}).get(key)
-    reference = None if cached else spec.make_evaluation_reference(cfg, "float32")  # never stepped: no optimizer state
+    reference = None if cached else spec.make_reference(cfg)  # (its evaluation restores a checkpoint: every variable)
     try:
         weights = cached["weights"] if cached else spec.draw_weights({k: v.shape for k, v in reference.get_weights().items()}, rng)
         noise_seed = cached["noise_seed"] if cached else int(rng.integers(2**63))
