@@ -212,7 +212,8 @@ class DPSOMSpec(ModelSpec):
             if len(d.x_train) < n_train or len(d.x_eval) < n_eval:
                 raise ValueError(f"{raw.name}: {len(d.x_train)} training / {len(d.x_eval)} test images; the own-loop run needs "
                                  f"{n_train} / {n_eval} (batch_size {B})")
-            return {"x_train": d.x_train[:n_train], "x_val": d.x_eval[:n_eval], "x_eval": d.x_eval[:n_eval],
+            # copies: the slices alone stay in memory, not the whole preprocessed data set behind them
+            return {"x_train": d.x_train[:n_train].copy(), "x_val": d.x_eval[:n_eval].copy(), "x_eval": d.x_eval[:n_eval].copy(),
                     "y_eval": d.y_eval[:n_eval]}, raw.name
         raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
 
