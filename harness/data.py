@@ -237,6 +237,16 @@ def load_raw(
     raise DataNotFoundError(_not_found_message(canonical, searched, attempts))
 
 
+def offline_raw(dataset: str | None = None) -> RawData:
+    """``dataset`` if given (its errors raised), else MNIST when found offline, else the embedded
+    ``digits``: what every tier runs on by default. Nothing is downloaded."""
+    if dataset:
+        return load_raw(dataset, download=False)
+    try:
+        return load_raw("MNIST", download=False)
+    except DataNotFoundError:
+        return load_raw("digits", download=False)
+
 def preprocess_dpsom(images: np.ndarray) -> np.ndarray:
     """Per-image max scaling as the original DPSOM (spec §2.2) -> float32 NHWC [N, 28, 28, 1].
 

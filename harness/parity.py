@@ -190,7 +190,7 @@ def parse_tiers(value: str) -> tuple[str, ...]:
 def _pipeline(args, spec: ModelSpec, variant: str, out_dir: Path, stem, flags: dict, make_port, letter: str) -> int:
     """One tier of :data:`PIPELINE` on ``variant``: printed section by section, written as ``<stem>-<letter>.json``."""
     from harness.env import fingerprint
-    from harness.tier_data import load_raw
+    from harness.data import offline_raw
 
     module = importlib.import_module(PIPELINE[letter][0])
     t0 = time.perf_counter()
@@ -198,7 +198,7 @@ def _pipeline(args, spec: ModelSpec, variant: str, out_dir: Path, stem, flags: d
     sections = module.run(spec, variant, seed=args.seed, dataset=args.data, make_port=make_port, overrides=args.config_overrides)
     first = engine.first_divergence(sections)
     report = {
-        "model": spec.name, "variant": variant, "tier": letter, "data": load_raw(args.data).name, "seed": args.seed,
+        "model": spec.name, "variant": variant, "tier": letter, "data": offline_raw(args.data).name, "seed": args.seed,
         "config": spec.config_dict(spec.get_config(variant, args.config_overrides)), "environment": fingerprint(),
         "seconds": time.perf_counter() - t0,
         "first_divergence": None if first is None else {"section": first[0], **first[1].to_dict()},

@@ -68,18 +68,10 @@ def batch_rows(batches: Iterable[Any], batch_size: int) -> np.ndarray:
 
 
 def load_raw(dataset: str | None = None):
-    """The raw data set (``harness.data.RawData``): ``dataset`` if given, else MNIST when found
-    offline, else the embedded ``digits``. Nothing is downloaded."""
-    from harness.data import DataNotFoundError
-    from harness.data import load_raw as load
+    """The raw data set the tier runs on (:func:`harness.data.offline_raw`)."""
+    from harness.data import offline_raw
 
-    for name in [dataset] if dataset else ["MNIST", "digits"]:
-        try:
-            return load(name, download=False)
-        except DataNotFoundError:
-            if dataset:
-                raise
-    raise RuntimeError("no data set available")  # unreachable: 'digits' is embedded
+    return offline_raw(dataset)
 
 
 def sha256(a: np.ndarray) -> str:

@@ -76,17 +76,10 @@ class DPSOMSpec(ModelSpec):
     def load_data(self, cfg: Any, dataset: str | None, n: int) -> tuple[np.ndarray, str]:
         """The first ``n`` training images as the original preprocesses them (MNIST if found offline,
         else the embedded 'digits')."""
-        from harness.data import DataNotFoundError, dpsom_splits, load_raw
+        from harness.data import dpsom_splits, offline_raw
 
-        for name in [dataset] if dataset else ["MNIST", "digits"]:
-            try:
-                raw = load_raw(name, download=False)
-            except DataNotFoundError:
-                if dataset:
-                    raise
-                continue
-            return dpsom_splits(raw, validation=False).x_train[:n], raw.name
-        raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
+        raw = offline_raw(dataset)
+        return dpsom_splits(raw, validation=False).x_train[:n], raw.name
 
     def draw_inputs(self, cfg: Any, rng: np.random.Generator, x: np.ndarray) -> Batch:
         B = len(x)
@@ -197,40 +190,26 @@ class DPSOMSpec(ModelSpec):
         port that keeps a partial batch takes an extra step); ``x_eval`` / ``y_eval`` (and ``x_val``,
         the original's logged stream = the test set): 2 full batches plus 3 leftover images, which
         the original's evaluation skips."""
-        from harness.data import DataNotFoundError, dpsom_splits, load_raw
+        from harness.data import dpsom_splits, offline_raw
 
         B = cfg.batch_size
-        for name in [dataset] if dataset else ["MNIST", "digits"]:
-            try:
-                raw = load_raw(name, download=False)
-            except DataNotFoundError:
-                if dataset:
-                    raise
-                continue
-            d = dpsom_splits(raw, validation=False)
-            n_train, n_eval = OWNLOOP_BATCHES * B + 2, 2 * B + 3
-            if len(d.x_train) < n_train or len(d.x_eval) < n_eval:
-                raise ValueError(f"{raw.name}: {len(d.x_train)} training / {len(d.x_eval)} test images; the own-loop run needs "
-                                 f"{n_train} / {n_eval} (batch_size {B})")
-            # copies: the slices alone stay in memory, not the whole preprocessed data set behind them
-            return {"x_train": d.x_train[:n_train].copy(), "x_val": d.x_eval[:n_eval].copy(), "x_eval": d.x_eval[:n_eval].copy(),
-                    "y_eval": d.y_eval[:n_eval]}, raw.name
-        raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
+        raw = offline_raw(dataset)
+        d = dpsom_splits(raw, validation=False)
+        n_train, n_eval = OWNLOOP_BATCHES * B + 2, 2 * B + 3
+        if len(d.x_train) < n_train or len(d.x_eval) < n_eval:
+            raise ValueError(f"{raw.name}: {len(d.x_train)} training / {len(d.x_eval)} test images; the own-loop run needs "
+                             f"{n_train} / {n_eval} (batch_size {B})")
+        # copies: the slices alone stay in memory, not the whole preprocessed data set behind them
+        return {"x_train": d.x_train[:n_train].copy(), "x_val": d.x_eval[:n_eval].copy(), "x_eval": d.x_eval[:n_eval].copy(),
+                "y_eval": d.y_eval[:n_eval]}, raw.name
 
     def evaluation_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
         """The original's final evaluation set (the test set; 33 full batches of 300 are evaluated on MNIST)."""
-        from harness.data import DataNotFoundError, dpsom_splits, load_raw
+        from harness.data import dpsom_splits, offline_raw
 
-        for name in [dataset] if dataset else ["MNIST", "digits"]:
-            try:
-                raw = load_raw(name, download=False)
-            except DataNotFoundError:
-                if dataset:
-                    raise
-                continue
-            d = dpsom_splits(raw, validation=cfg.validation)
-            return {"x_eval": d.x_eval, "y_eval": d.y_eval}, raw.name
-        raise RuntimeError("no dataset available")  # unreachable: 'digits' is embedded
+        raw = offline_raw(dataset)
+        d = dpsom_splits(raw, validation=cfg.validation)
+        return {"x_eval": d.x_eval, "y_eval": d.y_eval}, raw.name
 
 
     # --- config matrix ------------------------------------------------------------------------------
