@@ -445,6 +445,11 @@ class QuickTier:
             full, split_floor = self._ref(plan[name])
             t32 = spill.get(f"port32 {name}")
             floors_[name] = {"float64": floors(t32, t64), "split_tf": split_floor}
+            if plan[name] in ("forward", "losses", spec.phases[0].loss):  # the values at the initial weights:
+                # the reference's own float32 rounding there, measured (as T4's synced check does); e.g. TF's
+                # float32 bias gradient of a 28x28 transposed conv sums 200 704 terms less accurately than
+                # torch (DEKM conv: 3.1e-6 of 0.26, 100 x the port's own float32 vs float64 distance)
+                floors_[name]["float64_tf"] = floors(full, self._ref64_cache[plan[name]][0])
             sections[name] = judge(full, t32, floors_[name], self.multiple, absent=absent, constants=self.constants)
 
         def finish64(key: str, values: Mapping) -> None:

@@ -40,7 +40,7 @@ from collections.abc import Callable
 import numpy as np
 
 from harness.compare import FLOAT32_EPS
-from harness.engine import MULTIPLE, floors, judge, split
+from harness.engine import MULTIPLE, floors, judge, split, worst
 from harness.env import fingerprint
 from harness.spec import ModelSpec, T4Step
 
@@ -93,8 +93,11 @@ def run(spec: ModelSpec, variant: str, steps: int, seed: int = 0, dataset: str |
     first_exit: dict[str, Any] | None = None
     band_floor: dict[str, float] = {}
     schedule = spec.t4_plan(cfg, steps, epoch_steps)
+    between: list[dict[str, Any]] = []
     for st in tqdm(schedule, desc=f"T4 {spec.name} {variant}", disable=not progress):
         batches = spec.t4_batches(cfg, st, rng, x_train, sides, state)
+        if "compare" in state:  # what the spec computed from each side between steps (DEKM: a k-means refit)
+            between.append(_between(st, state.pop("compare"), multiple, constants))
         ref = sides["tf"]
         if synced:
             ref64.set_weights(pre[0])
@@ -126,15 +129,28 @@ def run(spec: ModelSpec, variant: str, steps: int, seed: int = 0, dataset: str |
         "plan": [st.__dict__ for st in schedule],
         "records": records, "growth": growth, "first_exit": first_exit,
         "synced": {"steps": sync_steps, "first_divergence": first_sync} if synced else None,
-        "verdict": _verdict(first_exit, first_sync),
+        "between_steps": between,
+        "verdict": _verdict(first_exit, first_sync, between),
     }
 
 
-def _verdict(first_exit: dict | None, first_sync: dict | None) -> str:
-    """DIVERGED: the free-running pair left its band; FAIL / INACCURATE: a synced step differed."""
+def _verdict(first_exit: dict | None, first_sync: dict | None, between: list[dict[str, Any]] = ()) -> str:
+    """DIVERGED: the free-running pair left its band; FAIL / INACCURATE: a synced step (or what the
+    spec computed between steps) differed."""
     if first_exit is not None:
         return "DIVERGED"
-    return "PASS" if first_sync is None else first_sync["verdict"]
+    if first_sync is not None:
+        return first_sync["verdict"]
+    return worst(r["verdict"] for b in between for r in b["rows"]) if between else "PASS"
+
+
+def _between(st: T4Step, values: dict[str, dict[str, Any]], multiple: float, constants: dict) -> dict[str, Any]:
+    """A spec's per-side quantities computed between steps (``state["compare"]`` left by
+    ``t4_batches``, keyed like the sides), judged torch vs TF against both sides' own float32 vs
+    float64 distance; integer ones (labels) exactly."""
+    parts = {"float64": floors(values["torch"], values["torch64"]), "float64_tf": floors(values["tf"], values["tf64"])}
+    rows = judge(values["tf"], values["torch"], parts, multiple, constants=constants)
+    return {"step": st.index, "phase": st.phase, "rows": [r.to_dict() for r in rows]}
 
 
 def _synced_step(st: T4Step, sync: dict, pre: tuple[dict, dict], ref_losses: tuple[dict, dict, dict], batch: dict, gradients: dict,

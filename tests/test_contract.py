@@ -62,7 +62,8 @@ class SideContract:
         bad[kernel] = np.zeros((3, 3, 3), np.float32)
         del bad[bias]
         bad["encoder.fc99.kernel"] = np.zeros(2, np.float32)
-        bad["som.embeddings"] = bad["som.embeddings"] + 1  # a valid change that must not land
+        valid = next(k for k in weights if k not in (kernel, bias))
+        bad[valid] = bad[valid] + 1  # a valid change that must not land
         with pytest.raises(TransplantError) as err:
             side.set_weights(bad)
         for name in (kernel, bias, "encoder.fc99.kernel"):
@@ -101,6 +102,24 @@ class TestDPSOMReferenceDense(SideContract):
 @pytest.mark.tf
 class TestDPSOMReferenceConv(SideContract):
     model, side, variant = "dpsom", "reference", "tiny-conv"
+
+
+class TestDEKMPortDense(SideContract):
+    model, side, variant = "dekm", "port", "tiny-dense"
+
+
+class TestDEKMPortConv(SideContract):
+    model, side, variant = "dekm", "port", "tiny-conv"
+
+
+@pytest.mark.tf
+class TestDEKMReferenceDense(SideContract):
+    model, side, variant = "dekm", "reference", "tiny-dense"
+
+
+@pytest.mark.tf
+class TestDEKMReferenceConv(SideContract):
+    model, side, variant = "dekm", "reference", "tiny-conv"
 
 
 def test_docs_method_table_is_generated_from_the_protocols():

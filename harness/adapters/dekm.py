@@ -1,0 +1,238 @@
+"""DEKM's two sides as the engine's protocols (harness/protocols.py).
+
+``TorchDEKM`` is ``ports.dekm`` through the table-driven torch adapter (harness/adapters/torch.py),
+the path a user's port takes; ``TFReferenceDEKM`` wraps ``reference_tf.dekm`` (tf.keras, eager). A
+DEKM batch is ``{"x": [B, ...], "V": [B, d, d], "t": [B, d]}``; both sides take ``V[0]``. The
+optimizer state of a phase (its own Keras Adam) is ``<weight>/adam_m``, ``<weight>/adam_v`` and
+``optim.iterations``. Each adapter imports its framework lazily.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from collections.abc import Mapping
+
+import numpy as np
+
+from harness.adapters.torch import TorchPortAdapter
+from harness.protocols import Batch, Unsupported
+from harness.transplant import TransplantError, load_table
+
+PHASE_OF = {"loss.recon": "pretrain", "loss.cluster": "cluster"}
+PROBE_GRADIENT = 1e-6  # the Adam probe's gradient: small enough that ε's placement decides the update
+
+
+def adam_probe(update: float) -> str:
+    """Name the ε convention from a first Adam step (lr 1, gradient g = ``PROBE_GRADIENT``): Keras'
+    ε-hat gives √(1−β2)·g / (√(1−β2)·g + ε) (0.240 for ε 1e-7), torch's g / (g + ε) (0.990 for 1e-8)."""
+    return f"first update at g=1e-6, lr=1: {update:.6g}"
+
+
+def _variant(config) -> str:
+    return "conv" if config.convolution else "dense"
+
+
+class TorchDEKM(TorchPortAdapter):
+    """``ports.dekm`` in float32 (default) or float64 (the noise-floor twin)."""
+
+    def __init__(self, config, dtype: str = "float32", device: str = "cpu") -> None:
+        import torch
+
+        from ports.dekm.model import DEKM
+        from ports.dekm.train import Trainer
+
+        model = DEKM(config).to(getattr(torch, dtype))
+        self.trainer = Trainer(config, model=model)
+        super().__init__(model, load_table("dekm", _variant(config)), config, dtype, device)
+        self.name = f"torch-{dtype}"
+
+    def _x(self, batch: Batch):
+        return self.t(batch["x"])
+
+    def _vt(self, batch: Batch):
+        return self.t(np.asarray(batch["V"])[0]), self.t(batch["t"])
+
+    def forward(self, batch: Batch) -> dict[str, np.ndarray]:
+        with self._torch.no_grad():
+            out = self.trainer.model(self._x(batch))
+        return {k: self.numpy(v) for k, v in out.items()}
+
+    def forward_isolated(self, batch: Batch, teacher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with self._torch.no_grad():
+            out = self.trainer.model(self._x(batch), teacher=teacher)
+        return {k: self.numpy(v) for k, v in out.items()}
+
+    def losses(self, batch: Batch) -> dict[str, float]:
+        x, (V, t) = self._x(batch), self._vt(batch)
+        with self._torch.no_grad():
+            terms = {**self.trainer.compute_terms("pretrain", x), **self.trainer.compute_terms("cluster", x, V, t)}
+        return {k: float(v) for k, v in terms.items()}
+
+    def loss_tensor(self, loss: str, batch: Batch):
+        return self.trainer.compute_terms(PHASE_OF[loss], self._x(batch), *self._vt(batch))[loss]
+
+    def step(self, phase: str, batch: Batch, lr_feed: float, return_gradients: bool = False) -> dict[str, Any]:
+        V, t = self._vt(batch)
+        record: dict[str, Any] = dict(self.trainer.step(phase, self._x(batch), lr_feed, V=V, t=t))
+        if return_gradients:
+            record["gradients"] = self.applied_gradients()
+        for param in self.trainer.model.parameters():
+            param.grad = None
+        return record
+
+    # --- the phase's Keras Adam ----------------------------------------------------------------------
+    def optimizer_for(self, phase: str | None):
+        return self.trainer.optimizers.get(phase or "pretrain")
+
+    def _optimizer(self, phase: str):
+        """The phase's optimizer, created (fresh, as the Trainer does at the phase's first step) if needed."""
+        return self.trainer.optimizer(phase)
+
+    def optimizer_step(self, phase: str, lr_feed: float) -> dict[str, Any]:
+        opt = self._optimizer(phase)
+        for group in opt.param_groups:
+            group["lr"] = lr_feed
+        opt.step()
+        return {"lr": float(lr_feed), "global_step": opt.iterations}
+
+    def _read_optimizer(self, phase: str | None):
+        opt = self.optimizer_for(phase)
+        slots: dict[str, dict[str, np.ndarray]] = {}
+        for key, p in self.trainer.model.named_parameters():
+            st = opt.state.get(p, {}) if opt is not None else {}
+            if "exp_avg" in st:
+                slots[key] = {"adam_m": self.numpy(st["exp_avg"]), "adam_v": self.numpy(st["exp_avg_sq"])}
+            else:  # never stepped (or no gradient yet): Keras' zero slots
+                zero = np.zeros(tuple(p.shape), self.numpy(p).dtype)
+                slots[key] = {"adam_m": zero, "adam_v": zero.copy()}
+        return {"optim.iterations": np.int64(opt.iterations if opt is not None else 0)}, slots
+
+    def _write_optimizer(self, phase, scalars, slots) -> None:
+        """Strict: every parameter's two slots and ``optim.iterations``; nothing written otherwise."""
+        torch = self._torch
+        params = dict(self.trainer.model.named_parameters())
+        missing = sorted(f"{k}/{s}" for k in params for s in ("adam_m", "adam_v") if s not in slots.get(k, {}))
+        if missing or "optim.iterations" not in scalars:
+            raise TransplantError(f"{self.name}.set_optimizer_state: nothing loaded; missing {missing + ['optim.iterations'][:'optim.iterations' not in scalars]}")
+        opt, n = self._optimizer(phase or "pretrain"), int(scalars["optim.iterations"])
+        with torch.no_grad():
+            for k, p in params.items():
+                opt.state[p] = {"step": torch.tensor(float(n)), "exp_avg": torch.as_tensor(np.array(slots[k]["adam_m"])).to(p),
+                                "exp_avg_sq": torch.as_tensor(np.array(slots[k]["adam_v"])).to(p)}
+        opt.iterations = n
+
+    def optimizer_constants(self, phase: str | None = None) -> dict[str, Any]:
+        """The phase's optimizer class and constants, and the ε convention measured by a probe step."""
+        import torch
+
+        from ports.dekm.optim import make_optimizer
+
+        w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+        probe = make_optimizer([w], self.config)
+        for group in probe.param_groups:
+            group["lr"] = 1.0
+        w.grad = torch.full_like(w, PROBE_GRADIENT)
+        probe.step()
+        opt = self._optimizer(phase or "pretrain")
+        b1, b2 = opt.param_groups[0]["betas"]
+        return {"beta1": float(np.float32(b1)), "beta2": float(np.float32(b2)), "epsilon_update": adam_probe(-float(w.detach()[0])),
+                "shared_between_phases": self.trainer.optimizer("pretrain") is self.trainer.optimizer("cluster")}
+
+    def learning_rate_at(self, phase: str, lr_feed: float, global_step: int) -> float:
+        """Keras' Adam: a constant learning rate (its bias correction is inside the update)."""
+        return float(lr_feed)
+
+    def fresh_module(self):
+        from ports.dekm.model import DEKM
+
+        return DEKM(self.config)
+
+
+class TFReferenceDEKM:
+    """``reference_tf.dekm`` (tf.keras, eager), in float32 or float64."""
+
+    def __init__(self, config, dtype: str = "float32") -> None:
+        from reference_tf import require_tensorflow
+
+        require_tensorflow()
+        from reference_tf.dekm.model import DEKM
+        from reference_tf.dekm.train import Trainer
+
+        self.name = "tf-reference" if dtype == "float32" else f"tf-reference-{dtype}"
+        self.config, self.dtype = config, dtype
+        self.model = DEKM(config, dtype=dtype)
+        self.trainer = Trainer(config, model=self.model)
+
+    @staticmethod
+    def _vt(batch: Batch):
+        return np.asarray(batch["V"])[0], np.asarray(batch["t"])
+
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return self.model.get_weights()
+
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        self.model.set_weights(dict(weights))
+
+    def forward(self, batch: Batch) -> dict[str, np.ndarray]:
+        return self.model.forward(batch["x"])
+
+    def losses(self, batch: Batch) -> dict[str, float]:
+        V, t = self._vt(batch)
+        terms = {**self.trainer.compute_terms("pretrain", batch["x"]), **self.trainer.compute_terms("cluster", batch["x"], V, t)}
+        return {k: float(v) for k, v in terms.items()}
+
+    def gradients(self, loss: str, batch: Batch) -> dict[str, np.ndarray]:
+        """The reference's gradients; for ``loss.cluster`` without the decoder's: TF differentiates
+        through the slice of the concat and gets zero tensors, torch (encoder only) gets None, and both
+        mean "no gradient" (specs/dekm.md §4.3; the reference's own suite asserts the zeros)."""
+        grads = self.trainer.gradients(loss, batch["x"], *self._vt(batch))
+        return {k: v for k, v in grads.items() if not (PHASE_OF[loss] == "cluster" and k.startswith("decoder."))}
+
+    def step(self, phase: str, batch: Batch, lr_feed: float, return_gradients: bool = False) -> dict[str, Any]:
+        V, t = self._vt(batch)
+        return dict(self.trainer.step(phase, batch["x"], lr_feed, V=V, t=t, return_gradients=return_gradients))
+
+    def optimizer_state(self, phase: str | None = None) -> dict[str, Any]:
+        return self.trainer.optimizer_state(phase or "pretrain")
+
+    def set_optimizer_state(self, state: Mapping[str, Any], phase: str | None = None) -> None:
+        self.trainer.set_optimizer_state(phase or "pretrain", dict(state))
+
+    def optimizer_constants(self, phase: str | None = None) -> dict[str, Any]:
+        """As :meth:`TorchDEKM.optimizer_constants`, from the reference's own optimizer factory."""
+        import tensorflow as tf
+
+        from reference_tf.dekm.optim import make_optimizer
+
+        w = tf.Variable([0.0], dtype=tf.float64)
+        probe = make_optimizer(self.config)
+        probe.learning_rate = 1.0
+        probe.apply_gradients([(tf.constant([PROBE_GRADIENT], tf.float64), w)])
+        opt = self.trainer.optimizer(phase or "pretrain")
+        return {"beta1": float(np.float32(opt.beta_1)), "beta2": float(np.float32(opt.beta_2)),
+                "epsilon_update": adam_probe(-float(w.numpy()[0])),
+                "shared_between_phases": self.trainer.optimizer("pretrain") is self.trainer.optimizer("cluster")}
+
+    def learning_rate_at(self, phase: str, lr_feed: float, global_step: int) -> float:
+        return float(lr_feed)
+
+    def trace(self, batch: Batch, step: tuple[str, float] | None = None) -> dict[str, np.ndarray]:
+        raise Unsupported("DEKM has no BatchNorm: nothing to trace")
+
+    def save_checkpoint(self, path: str) -> str:
+        """The original's format: Keras ``save_weights`` to an .h5 file; returns its path."""
+        path = path if path.endswith(".h5") else f"{path}.h5"
+        self.model.save_checkpoint(path)
+        return path
+
+    def initial_weights(self) -> dict[str, np.ndarray]:
+        return self.model.initial_weights()
+
+    def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> dict[str, np.ndarray]:
+        raise Unsupported("the DEKM reference's data path is tested in its own suite (no data rule declared)")
+
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        raise Unsupported("not yet")
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        raise Unsupported("not yet")
