@@ -99,6 +99,8 @@ def run(spec: ModelSpec, variant: str, steps: int, seed: int = 0, dataset: str |
         if "compare" in state:  # what the spec computed from each side between steps (DEKM: a k-means refit)
             between.append(_between(st, state.pop("compare"), multiple, constants))
         ref = sides["tf"]
+        if synced and st.index and st.phase != schedule[st.index - 1].phase:  # a model with one optimizer per phase
+            pre = pre[0], ref.optimizer_state(st.phase)  # starts the phase from that optimizer's state
         if synced:
             ref64.set_weights(pre[0])
             b = batches["tf"]
