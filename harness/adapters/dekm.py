@@ -28,6 +28,49 @@ def adam_probe(update: float) -> str:
     return f"first update at g=1e-6, lr=1: {update:.6g}"
 
 
+def fit_records(fit, trainer, data: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    """A side's own ``train.fit`` on the own-loop data (harness/models/dekm.py ``ownloop_data``), its
+    randomness injected: the pretraining epochs' index orders, and at refit r the candidate centres
+    ``H[kmeans_init_rows[r, j]]`` from the side's OWN embeddings at that refit (j < n_init). Records in
+    the own-loop tier's form (harness/tier_ownloop.py): a clustering step's ``epoch`` names its refit
+    and that refit's ``n_changed``, and a last ``stop`` step names why and when the loop ended."""
+    x, y, rows = np.asarray(data["x"]), np.asarray(data["y"]), np.asarray(data["kmeans_init_rows"])
+
+    def inits(refit: int, n_init: int) -> list[np.ndarray]:
+        H = trainer.embed_all(x)
+        return [H[rows[refit % len(rows), j]] for j in range(min(n_init, rows.shape[1]))]
+
+    out: list[dict[str, Any]] = []
+    fit(trainer, x, y, pretrain_orders=list(np.asarray(data["pretrain_orders"])), kmeans_inits=inits, on_step=out.append)
+    return [ownloop_record(r) for r in out]
+
+
+def ownloop_record(rec: Mapping[str, Any]) -> dict[str, Any]:
+    base = {"global_step": rec.get("global_step"), "lr_feed": rec.get("lr"), "lr": rec.get("lr"), "p_step": None, "p": None}
+    if rec["phase"] == "pretrain":
+        return {"phase": "pretrain", "epoch": rec["epoch"], **base, "loss.recon": rec["loss.recon"]}
+    if rec["phase"] == "cluster":
+        return {"phase": "cluster", "epoch": f"refit {rec['refit']} (n_changed {rec['n_changed']})", **base, "loss.cluster": rec["loss.cluster"]}
+    return {"phase": "stop", "epoch": f"{rec['reason']} after {rec['refits']} refits", **base}
+
+
+def evaluate_assignments(refit, embed_all, cluster_metrics, get_acc_nmi, data: Mapping[str, np.ndarray], config) -> dict[str, Any]:
+    """A side's own evaluation as the original scores: its ``refit`` (k-means on its own H from the
+    candidates ``H[kmeans_init_rows[0]]``), the labels scored on every input (transductive) by its
+    own metrics: the original's ``get_acc_nmi`` (``acc_original``, ``nmi_original``: rounded to 5
+    decimals, square table) and ``cluster_metrics`` (ACC, arithmetic NMI, purity); ``distances``:
+    squared distances of H to the centres."""
+    x, y, rows = np.asarray(data["x"]), np.asarray(data["y"]).astype(np.int64), np.asarray(data["kmeans_init_rows"])
+    H = embed_all(x)
+    r = refit(H, np.full(len(x), -1), config.n_clusters, rows.shape[1], [H[rows[0, j]] for j in range(rows.shape[1])])
+    labels = np.asarray(r.labels, np.int64)
+    dist = ((np.asarray(H, np.float64)[:, None, :] - np.asarray(r.centres, np.float64)[None]) ** 2).sum(-1)
+    acc, nmi = get_acc_nmi(y, labels)
+    return {"assignments": labels, "labels": y, "distances": dist,
+            "metrics": {**cluster_metrics(y, labels), "acc_original": float(acc), "nmi_original": float(nmi)},
+            "nmi_average": "arithmetic", "assign_from": "k-means labels of the embeddings h (transductive)"}
+
+
 def _variant(config) -> str:
     return "conv" if config.convolution else "dense"
 
@@ -147,6 +190,19 @@ class TorchDEKM(TorchPortAdapter):
 
         return DEKM(self.config)
 
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+        """``ports.dekm.train.fit`` on the own-loop data (:func:`fit_records`)."""
+        from ports.dekm import train
+
+        return fit_records(train.fit, self.trainer, data)
+
+    def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
+        """``ports.dekm``'s refit and ``evaluate.cluster_metrics`` (:func:`evaluate_assignments`)."""
+        from ports.dekm.evaluate import cluster_metrics, get_acc_nmi
+        from ports.dekm.train import refit
+
+        return evaluate_assignments(refit, self.trainer.embed_all, cluster_metrics, get_acc_nmi, data, self.config)
+
 
 class TFReferenceDEKM:
     """``reference_tf.dekm`` (tf.keras, eager), in float32 or float64."""
@@ -232,7 +288,14 @@ class TFReferenceDEKM:
         raise Unsupported("the DEKM reference's data path is tested in its own suite (no data rule declared)")
 
     def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
-        raise Unsupported("not yet")
+        """``reference_tf.dekm.train.fit`` on the own-loop data (:func:`fit_records`)."""
+        from reference_tf.dekm import train
+
+        return fit_records(train.fit, self.trainer, data)
 
     def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
-        raise Unsupported("not yet")
+        """``reference_tf.dekm``'s refit and ``evaluate.cluster_metrics`` (:func:`evaluate_assignments`)."""
+        from reference_tf.dekm.evaluate import cluster_metrics, get_acc_nmi
+        from reference_tf.dekm.train import refit
+
+        return evaluate_assignments(refit, self.trainer.embed_all, cluster_metrics, get_acc_nmi, data, self.config)

@@ -225,6 +225,61 @@ class DEKMSpec(ModelSpec):
         return {k: {"x": x_train[rows], "V": np.repeat(r["V"][None], len(x_train[rows]), 0), "t": r["targets"][rows]}
                 for k, r in state["refits"].items()}
 
+    # --- own-loop T4 and evaluation tier -----------------------------------------------------------
+    def ownloop_overrides(self, cfg: Any) -> dict[str, str]:
+        """Two pretraining epochs and a clustering loop that refits every 3 steps, with a stop
+        tolerance (30 % of N) that the tiny data meets within the 18-step cap on the faithful pair, so
+        the records hold the refit cadence, the carried batch pointer (N is not a multiple of the
+        batch: a partial batch, then the pointer back at 0) and the step where the stop rule fires."""
+        return {"pretrain_epochs": "2", "pretrain_batch_size": str(OWNLOOP_BATCH), "batch_size": str(OWNLOOP_BATCH),
+                "update_interval": "3", "max_iter": "18", "kmeans_n_init": str(OWNLOOP_CANDIDATES), "tol": "0.3"}
+
+    def ownloop_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """``x`` / ``y``: ``OWNLOOP_BATCHES`` batches plus 5 inputs; ``pretrain_orders``: one windowed
+        shuffle (the original's buffer rule, :func:`windowed_shuffle`) per pretraining epoch;
+        ``kmeans_init_rows`` [refits, candidates, K]: the inputs whose embeddings start each refit's
+        k-means candidates (a fixed PCG64 stream: the same for both sides)."""
+        from harness.data import all_images_dekm, offline_raw
+
+        n = OWNLOOP_BATCHES * cfg.batch_size + 5
+        x, name = self.load_data(cfg, dataset, n)
+        _, y = all_images_dekm(offline_raw(dataset))
+        rng = np.random.Generator(np.random.PCG64(2021))
+        orders = np.stack([windowed_shuffle(n, cfg.shuffle_buffer, rng) for _ in range(cfg.pretrain_epochs)])
+        rows = np.stack([[rng.choice(n, cfg.n_clusters, replace=False) for _ in range(OWNLOOP_CANDIDATES)]
+                         for _ in range(cfg.max_iter // cfg.update_interval + 1)])
+        return {"x": x, "y": y[:n], "pretrain_orders": orders, "kmeans_init_rows": rows}, name
+
+    def evaluation_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
+        """Every input, as the original scores (transductive: MNIST train + test), with one refit's candidates."""
+        from harness.data import all_images_dekm, offline_raw
+
+        raw = offline_raw(dataset)
+        x, y = all_images_dekm(raw)
+        x = x.reshape(len(x), *cfg.input_shape) if tuple(cfg.input_shape) == (784,) else self.load_data(cfg, dataset, len(x))[0]
+        rng = np.random.Generator(np.random.PCG64(2021))
+        rows = np.stack([[rng.choice(len(x), cfg.n_clusters, replace=False) for _ in range(OWNLOOP_CANDIDATES)]])
+        return {"x": x, "y": y, "kmeans_init_rows": rows}, raw.name
+
+
+OWNLOOP_BATCH, OWNLOOP_BATCHES, OWNLOOP_CANDIDATES = 16, 3, 4
+
+
+def windowed_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """One epoch of ``tf.data`` ``shuffle(buffer)`` on ``arange(n)``, emulated: a buffer of the first
+    ``buffer`` indices; each output is a uniformly chosen slot, refilled with the next index while the
+    input lasts (so position p holds an index <= p + buffer - 1, specs/dekm.md §7)."""
+    buf, out, nxt = list(range(min(buffer, n))), [], min(buffer, n)
+    while buf:
+        j = int(rng.integers(len(buf)))
+        out.append(buf[j])
+        if nxt < n:
+            buf[j], nxt = nxt, nxt + 1
+        else:
+            buf[j] = buf[-1]
+            buf.pop()
+    return np.asarray(out, np.int64)
+
 
 # --- the harness's own refit (specs/dekm.md §4.2, §5.3, §7), independent of both sides ----------------
 def embed_all(side: ReferenceSide, x: np.ndarray, batch: int) -> np.ndarray:

@@ -324,6 +324,8 @@ def fit(trainer: Trainer, x, y, pretrain_orders=None, kmeans_inits: Callable | N
         index = index + 1 if (index + 1) * B <= n else 0
     labels = assignment if current is not None else None
     records.append({"phase": "stop", "reason": reason, "labels": labels, "acc": acc, "nmi": nmi, "refits": n_refits})
+    if on_step is not None:
+        on_step(records[-1])
     return records
 
 
