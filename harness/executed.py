@@ -60,9 +60,11 @@ def executed(side: Any, batch: Mapping[str, np.ndarray], bn: pd.DataFrame | None
     return values
 
 
-def load_registry(path: str | Path) -> dict[str, dict[str, str]]:
+def load_registry(path: str | Path) -> dict[str, dict[str, str] | list[dict[str, str]]]:
     """The deviation registry at ``path`` (a model's ``harness/deviations/<model>.csv`` or a user's
-    ``--deviations`` file): columns key, reference, port, reason, expected_effect."""
+    ``--deviations`` file): columns key, reference, port, reason, expected_effect. A key declared on
+    several rows (one per variant: DEKM's ``init.embedding.kernel`` is Glorot in the conv model,
+    U(±0.05) in the dense one) keeps every row, as a list."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: deviation registry not found (CSV: key,reference,port,reason,expected_effect)")
@@ -71,7 +73,14 @@ def load_registry(path: str | Path) -> dict[str, dict[str, str]]:
     need = {"key", "reference", "port", "reason", "expected_effect"}
     if rows and not need <= set(rows[0]):
         raise ValueError(f"{path}: columns {sorted(need)} expected, got {sorted(rows[0])}")
-    return {r["key"]: r for r in rows}
+    out: dict[str, Any] = {}
+    for r in rows:
+        if r["key"] in out:
+            prev = out[r["key"]]
+            out[r["key"]] = [*(prev if isinstance(prev, list) else [prev]), r]
+        else:
+            out[r["key"]] = r
+    return out
 
 
 def flat(values: dict[str, Any]) -> dict[str, Any]:
@@ -94,10 +103,11 @@ def diff(reference: dict[str, Any], port: dict[str, Any], registry: dict[str, di
     for key in list(reference) + [k for k in port if k not in reference]:
         a, b = reference.get(key, "<absent>"), port.get(key, "<absent>")
         same = a == b or (isinstance(a, float) and isinstance(b, float) and np.isclose(a, b, rtol=1e-6, atol=0))
-        declared = registry.get(key)
+        rows = registry.get(key) or []
+        declared = next((d for d in (rows if isinstance(rows, list) else [rows]) if d["reference"] == str(a) and d["port"] == str(b)), None)
         if same:
             verdict, note = "PASS", f"{a}"
-        elif declared and declared["reference"] == str(a) and declared["port"] == str(b):
+        elif declared:
             verdict, note = "DECLARED", f"reference {a} / port {b}: {declared['reason']} (expected: {declared['expected_effect']})"
         else:
             verdict, note = "FAIL", f"reference {a} / port {b}: not in the deviation registry"

@@ -29,16 +29,18 @@ def adam_probe(update: float) -> str:
 
 
 def fit_records(fit, trainer, data: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    """A side's own ``train.fit`` on the own-loop data (harness/models/dekm.py ``ownloop_data``), its
-    randomness injected: the pretraining epochs' index orders, and at refit r the candidate centres
-    ``H[kmeans_init_rows[r, j]]`` from the side's OWN embeddings at that refit (j < n_init). Records in
-    the own-loop tier's form (harness/tier_ownloop.py): a clustering step's ``epoch`` names its refit
-    and that refit's ``n_changed``, and a last ``stop`` step names why and when the loop ended."""
-    x, y, rows = np.asarray(data["x"]), np.asarray(data["y"]), np.asarray(data["kmeans_init_rows"])
+    """A side's own ``train.fit`` on the spec's data (harness/models/dekm.py ``ownloop_data``), its
+    randomness injected: the pretraining epochs' index orders, and at refit r the k-means candidates
+    ``kmeans_candidates(H, K, kmeans_seeds[r])`` from the side's OWN embeddings at that refit (the
+    first n_init seeds). Records in the own-loop tier's form (harness/tier_ownloop.py): a clustering
+    step's ``epoch`` names its refit and that refit's ``n_changed``, and a last ``stop`` step names why
+    and when the loop ended (with the final ``acc`` / ``nmi`` and ``labels``)."""
+    from harness.models.dekm import kmeans_candidates
+
+    x, y, seeds = np.asarray(data["x"]), np.asarray(data["y"]), np.asarray(data["kmeans_seeds"])
 
     def inits(refit: int, n_init: int) -> list[np.ndarray]:
-        H = trainer.embed_all(x)
-        return [H[rows[refit % len(rows), j]] for j in range(min(n_init, rows.shape[1]))]
+        return kmeans_candidates(trainer.embed_all(x), trainer.config.n_clusters, seeds[refit % len(seeds), :n_init])
 
     out: list[dict[str, Any]] = []
     fit(trainer, x, y, pretrain_orders=list(np.asarray(data["pretrain_orders"])), kmeans_inits=inits, on_step=out.append)
@@ -51,18 +53,21 @@ def ownloop_record(rec: Mapping[str, Any]) -> dict[str, Any]:
         return {"phase": "pretrain", "epoch": rec["epoch"], **base, "loss.recon": rec["loss.recon"]}
     if rec["phase"] == "cluster":
         return {"phase": "cluster", "epoch": f"refit {rec['refit']} (n_changed {rec['n_changed']})", **base, "loss.cluster": rec["loss.cluster"]}
-    return {"phase": "stop", "epoch": f"{rec['reason']} after {rec['refits']} refits", **base}
+    return {"phase": "stop", "epoch": f"{rec['reason']} after {rec['refits']} refits", **base,
+            **{k: rec[k] for k in ("acc", "nmi", "labels") if k in rec}}
 
 
 def evaluate_assignments(refit, embed_all, cluster_metrics, get_acc_nmi, data: Mapping[str, np.ndarray], config) -> dict[str, Any]:
     """A side's own evaluation as the original scores: its ``refit`` (k-means on its own H from the
-    candidates ``H[kmeans_init_rows[0]]``), the labels scored on every input (transductive) by its
+    candidates from ``kmeans_seeds[0]``), the labels scored on every input (transductive) by its
     own metrics: the original's ``get_acc_nmi`` (``acc_original``, ``nmi_original``: rounded to 5
     decimals, square table) and ``cluster_metrics`` (ACC, arithmetic NMI, purity); ``distances``:
     squared distances of H to the centres."""
-    x, y, rows = np.asarray(data["x"]), np.asarray(data["y"]).astype(np.int64), np.asarray(data["kmeans_init_rows"])
+    from harness.models.dekm import kmeans_candidates
+
+    x, y, seeds = np.asarray(data["x"]), np.asarray(data["y"]).astype(np.int64), np.asarray(data["kmeans_seeds"])
     H = embed_all(x)
-    r = refit(H, np.full(len(x), -1), config.n_clusters, rows.shape[1], [H[rows[0, j]] for j in range(rows.shape[1])])
+    r = refit(H, np.full(len(x), -1), config.n_clusters, seeds.shape[1], kmeans_candidates(H, config.n_clusters, seeds[0]))
     labels = np.asarray(r.labels, np.int64)
     dist = ((np.asarray(H, np.float64)[:, None, :] - np.asarray(r.centres, np.float64)[None]) ** 2).sum(-1)
     acc, nmi = get_acc_nmi(y, labels)

@@ -215,7 +215,7 @@ class DEKMSpec(ModelSpec):
         if st.epoch_start:
             H = {k: embed_all(s, x_train, B) for k, s in sides.items()}
             n_init = state.get("n_init", min(cfg.kmeans_n_init, T4_MAX_N_INIT))
-            inits = kmeans_candidates(H["tf"], cfg.n_clusters, n_init, rng)
+            inits = kmeans_candidates(H["tf"], cfg.n_clusters, rng.integers(0, 2**31 - 1, size=n_init))
             old = state.get("labels", {k: np.full(len(x_train), -1) for k in sides})
             state["refits"] = {k: refit(H[k], old[k], cfg.n_clusters, inits) for k in sides}
             state["labels"] = {k: r["labels"] for k, r in state["refits"].items()}
@@ -235,20 +235,23 @@ class DEKMSpec(ModelSpec):
                 "update_interval": "3", "max_iter": "18", "kmeans_n_init": str(OWNLOOP_CANDIDATES), "tol": "0.3"}
 
     def ownloop_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
-        """``x`` / ``y``: ``OWNLOOP_BATCHES`` batches plus 5 inputs; ``pretrain_orders``: one windowed
-        shuffle (the original's buffer rule, :func:`windowed_shuffle`) per pretraining epoch;
-        ``kmeans_init_rows`` [refits, candidates, K]: the inputs whose embeddings start each refit's
-        k-means candidates (a fixed PCG64 stream: the same for both sides)."""
+        """``x`` / ``y``: ``OWNLOOP_BATCHES`` batches plus 5 inputs, and :meth:`injected` for them."""
         from harness.data import all_images_dekm, offline_raw
 
         n = OWNLOOP_BATCHES * cfg.batch_size + 5
         x, name = self.load_data(cfg, dataset, n)
         _, y = all_images_dekm(offline_raw(dataset))
-        rng = np.random.Generator(np.random.PCG64(2021))
+        return {"x": x, "y": y[:n], **self.injected(cfg, n, OWNLOOP_CANDIDATES, np.random.Generator(np.random.PCG64(2021)))}, name
+
+    @staticmethod
+    def injected(cfg: Any, n: int, candidates: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """The randomness of one run, drawn once for both sides: ``pretrain_orders`` [epochs, n] (the
+        original's windowed shuffle, :func:`windowed_shuffle`, one per pretraining epoch) and
+        ``kmeans_seeds`` [refits, candidates] (each refit's k-means++ seeds, :func:`kmeans_candidates`;
+        a refit uses its first n_init, so ``candidates`` caps the original's n_init rule)."""
         orders = np.stack([windowed_shuffle(n, cfg.shuffle_buffer, rng) for _ in range(cfg.pretrain_epochs)])
-        rows = np.stack([[rng.choice(n, cfg.n_clusters, replace=False) for _ in range(OWNLOOP_CANDIDATES)]
-                         for _ in range(cfg.max_iter // cfg.update_interval + 1)])
-        return {"x": x, "y": y[:n], "pretrain_orders": orders, "kmeans_init_rows": rows}, name
+        seeds = rng.integers(0, 2**31 - 1, size=(cfg.max_iter // cfg.update_interval + 1, candidates))
+        return {"pretrain_orders": orders, "kmeans_seeds": seeds}
 
     def evaluation_data(self, cfg: Any, dataset: str | None) -> tuple[dict[str, np.ndarray], str]:
         """Every input, as the original scores (transductive: MNIST train + test), with one refit's candidates."""
@@ -257,9 +260,8 @@ class DEKMSpec(ModelSpec):
         raw = offline_raw(dataset)
         x, y = all_images_dekm(raw)
         x = x.reshape(len(x), *cfg.input_shape) if tuple(cfg.input_shape) == (784,) else self.load_data(cfg, dataset, len(x))[0]
-        rng = np.random.Generator(np.random.PCG64(2021))
-        rows = np.stack([[rng.choice(len(x), cfg.n_clusters, replace=False) for _ in range(OWNLOOP_CANDIDATES)]])
-        return {"x": x, "y": y, "kmeans_init_rows": rows}, raw.name
+        seeds = np.random.Generator(np.random.PCG64(2021)).integers(0, 2**31 - 1, size=(1, OWNLOOP_CANDIDATES))
+        return {"x": x, "y": y, "kmeans_seeds": seeds}, raw.name
 
 
 OWNLOOP_BATCH, OWNLOOP_BATCHES, OWNLOOP_CANDIDATES = 16, 3, 4
@@ -287,11 +289,12 @@ def embed_all(side: ReferenceSide, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate([np.asarray(side.forward({"x": x[i:i + batch]})["embedding"], np.float32) for i in range(0, len(x), batch)])
 
 
-def kmeans_candidates(H: np.ndarray, k: int, m: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """``m`` k-means++ initial-centre sets (scikit-learn's), each from its own seed of ``rng``."""
+def kmeans_candidates(H: np.ndarray, k: int, seeds) -> list[np.ndarray]:
+    """One k-means++ initial-centre set (scikit-learn's ``kmeans_plusplus``) per seed: the original's
+    initialisation, its randomness fixed (both sides draw with the same seeds on their own H)."""
     from sklearn.cluster import kmeans_plusplus
 
-    return [kmeans_plusplus(H, k, random_state=int(s))[0] for s in rng.integers(0, 2**31 - 1, size=m)]
+    return [kmeans_plusplus(np.asarray(H), k, random_state=int(s))[0] for s in seeds]
 
 
 def refit(H: np.ndarray, old: np.ndarray, k: int, inits: list[np.ndarray]) -> dict[str, Any]:
