@@ -193,6 +193,17 @@ class ModelSpec:
         the evaluation tier's ``full=True``), and the data set's name."""
         raise NotImplementedError(f"{self.name}: no evaluation data")
 
+    # --- whole schedules (harness/schedule_run.py) ---------------------------------------------------
+    def schedules(self, cfg: Any) -> dict[str, dict[str, str]]:
+        """Named training schedules: config overrides per name (``original``: none; a reduced one sized
+        for a CPU). None by default."""
+        raise NotImplementedError(f"{self.name}: no named schedules")
+
+    def schedule_data(self, cfg: Any, dataset: str | None, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], str]:
+        """What each side's ``fit_records`` takes for a whole schedule: the training data as the
+        original uses it and every random quantity of the run, drawn from ``rng``; and the data's name."""
+        raise NotImplementedError(f"{self.name}: no schedule data")
+
     # --- config matrix ------------------------------------------------------------------------
     def config_matrix(self, variant: str) -> tuple[ConfigCase, ...]:
         """Non-default configs the quick tier runs again on both sides (harness/tier_matrix.py), so a

@@ -263,8 +263,27 @@ class DEKMSpec(ModelSpec):
         seeds = np.random.Generator(np.random.PCG64(2021)).integers(0, 2**31 - 1, size=(1, OWNLOOP_CANDIDATES))
         return {"x": x, "y": y, "kmeans_seeds": seeds}, raw.name
 
+    # --- whole schedules (harness/schedule_run.py) ---------------------------------------------------
+    def schedules(self, cfg: Any) -> dict[str, dict[str, str]]:
+        """``original``: 200 pretraining epochs, at most 14 000 clustering steps (specs/dekm.md §5.1);
+        ``reduced``: 5 pretraining epochs and at most 800 clustering steps (20 refits conv, 80 dense):
+        minutes per side on a laptop CPU. Both keep the original's cadence, stop rule and n_init rule
+        (the injected candidates cap n_init at ``SCHEDULE_CANDIDATES``)."""
+        return {"original": {}, "reduced": {"pretrain_epochs": "5", "max_iter": "800"}}
 
-OWNLOOP_BATCH, OWNLOOP_BATCHES, OWNLOOP_CANDIDATES = 16, 3, 4
+    def schedule_data(self, cfg: Any, dataset: str | None, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], str]:
+        """Every input (MNIST: train + test, x / 255) in one order drawn from ``rng`` (the original's
+        ``get_xy`` shuffle), and :meth:`injected` for the run."""
+        from harness.data import all_images_dekm, offline_raw
+
+        raw = offline_raw(dataset)
+        _, y = all_images_dekm(raw)
+        x, _ = self.load_data(cfg, dataset, len(y))
+        perm = rng.permutation(len(y))
+        return {"x": x[perm], "y": y[perm], **self.injected(cfg, len(y), SCHEDULE_CANDIDATES, rng)}, raw.name
+
+
+OWNLOOP_BATCH, OWNLOOP_BATCHES, OWNLOOP_CANDIDATES, SCHEDULE_CANDIDATES = 16, 3, 4, 20
 
 
 def windowed_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarray:
