@@ -97,15 +97,6 @@ class ReferenceSide(Protocol):
         ``validation``: the original's switch that makes a split held out of the training pool the
         logged stream and the evaluation set (a model without one ignores it)."""
 
-    # --- optional: a checkpoint written by the original code (T1, ``--original-checkpoint``) ---
-    def restore_original_checkpoint(self, path: str) -> None:
-        """Optional (else :class:`Unsupported`). Load the weights of a checkpoint the original code
-        wrote (a TF checkpoint prefix) by the side's OWN name matching, as the original restores it,
-        not through the mapping table; optimizer slots, the global step and any other variable are
-        ignored. Missing or mis-shaped weights: an error naming them, nothing loaded. The quick tier
-        compares what it loaded with the table reader's weights (a wrong table row shows there)."""
-        raise Unsupported(f"{type(self).__name__} does not provide restore_original_checkpoint()")
-
     # --- optional: the side's own training loop and evaluation (own-loop T4, evaluation tier) ---
     def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
         """Optional (else :class:`Unsupported`). Run the side's OWN training loop over its config's
