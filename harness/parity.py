@@ -5,6 +5,7 @@
     nox -s parity -- --config prior_var=2           # a config override, applied to BOTH sides
     nox -s parity -- --port bn_mode=batch_stats     # a port-only override: a declared deviation
     nox -s parity -- --port-adapter pkg.module:factory [--deviations my.csv]   # your own port
+    nox -s parity -- --variant dense --tier quick --original-checkpoint PATH     # a checkpoint the original code wrote
 
 The engine knows a model only through its spec (harness/models/<model>.py) and the two side
 protocols (harness/protocols.py); see harness/tiers.py for what each tier compares and
@@ -86,10 +87,11 @@ def _tree(rows: list, first) -> str:
 
 def print_sections(sections: dict) -> None:
     """One line per section (PASS count, worst row), the rows that did not pass as a table."""
+    width = max([52, *map(len, sections)])
     for name, rows in sections.items():
         bad = [r for r in rows if r.verdict != "PASS"]
         w = worst_row(rows)
-        print(f"{name:52s} {len(rows) - len(bad):3d}/{len(rows):3d} PASS   worst: {w.name} max_abs {w.max_abs:.3g} (tol {w.tolerance:.3g})")
+        print(f"{name:{width}s} {len(rows) - len(bad):3d}/{len(rows):3d} PASS   worst: {w.name} max_abs {w.max_abs:.3g} (tol {w.tolerance:.3g})")
         if bad:
             print(format_table(bad))
 
@@ -102,6 +104,12 @@ def print_report(report: dict, sections: dict, batchnorm=None) -> None:
     per_tier = ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds_per_tier"].items())
     print(f"\n=== {report['model']} / {report['variant']} / quick tier (T0-T3) on {report['data']} "
           f"({report['seconds']:.1f} s: {per_tier}) ===")
+    ckpt = report.get("t1_checkpoint") or {}
+    if ckpt.get("prefix"):
+        print(f"T1 checkpoint written by the original code: {ckpt['prefix']} (" + ", ".join(f"{k} sha256 {v}" for k, v in ckpt["sha256"].items())
+              + f"); {ckpt['ignored_variables']} variables besides the weights ignored (optimizer slots, global_step ...)")
+    else:
+        print("T1 checkpoint: written by the reference's Saver under the original names (--original-checkpoint PATH: one the original code wrote)")
     print_sections(sections)
     first = engine.first_divergence(sections)
     if first is not None:
@@ -114,11 +122,17 @@ def print_report(report: dict, sections: dict, batchnorm=None) -> None:
 
 def _quick(args, spec: ModelSpec, variant: str, out_dir: Path, stem, flags: dict, make_port) -> int:
     from harness.executed import load_registry
+    from harness.transplant import TransplantError
 
     registry = load_registry(args.deviations) if args.deviations else None
     return_freed_blocks()  # freed tensors go back to the OS at once: the run's peak is what it holds, not what it held
-    tier = QuickTier(spec, variant, args.seed, args.data, init=args.init, registry=registry, overrides=args.config_overrides, cache=False,
-                     progress=True)
+    try:
+        tier = QuickTier(spec, variant, args.seed, args.data, init=args.init, registry=registry, overrides=args.config_overrides, cache=False,
+                         progress=True, original_checkpoint=args.original_checkpoint)
+    except TransplantError as err:  # the checkpoint does not fit this variant: one message, nothing loaded, no run
+        raise SystemExit(f"--original-checkpoint ({spec.name} / {variant}): {err}") from None
+    if tier.original is not None:  # its reports apart from the default run's
+        stem = lambda data, base=stem, name=Path(tier.original.prefix).name: f"{base(data)}-original_ckpt={name}"  # noqa: E731
     report = tier.run(make_port)
     sections = report.pop("_sections")
     report.update(port_overrides=args.port_overrides, config_overrides=args.config_overrides, port_adapter=args.port_adapter,
@@ -245,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port-adapter", metavar="PKG.MODULE:FACTORY", help="your own port: factory(config, dtype) -> PortSide")
     parser.add_argument("--deviations", metavar="CSV", help="deviation registry of the port (default: the model's own)")
     parser.add_argument("--init", default="pcg64", choices=INITS, help="initial weights: drawn by the harness from the seed (default) or the reference's native init")
+    parser.add_argument("--original-checkpoint", metavar="PATH",
+                        help="quick tier, T1: a TF checkpoint written by the ORIGINAL code (its prefix, one of its files, or its folder; "
+                             "README: 'Loading a checkpoint written by the original code'), loaded into both sides and their forward "
+                             "outputs from it compared; optimizer slots and global_step are ignored")
     parser.add_argument("--data", default=None, help="dataset name (default: MNIST if found offline, else the embedded 'digits')")
     parser.add_argument("--out", default="runs/parity", help="directory for the reports (default runs/parity)")
     parser.add_argument("--update-stored", action="store_true", help="write the faithful default run over the stored results/parity reports")
@@ -252,8 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     args.config_overrides = parse_pairs(args.config, "--config")
     args.port_overrides = parse_pairs(args.port, "--port")
     flags = seed_all(args.seed)
-    if args.update_stored and (args.config_overrides or args.port_overrides or args.port_adapter or args.deviations or args.init != "pcg64"):
-        raise SystemExit("--update-stored: the stored results are the faithful port's default run; drop --config/--port/--port-adapter/--deviations/--init")
+    if args.update_stored and (args.config_overrides or args.port_overrides or args.port_adapter or args.deviations or args.init != "pcg64"
+                               or args.original_checkpoint):
+        raise SystemExit("--update-stored: the stored results are the faithful port's default run; "
+                         "drop --config/--port/--port-adapter/--deviations/--init/--original-checkpoint")
+    if args.original_checkpoint and "quick" not in args.tier:
+        raise SystemExit("--original-checkpoint is loaded by the quick tier: add quick to --tier")
     status, t0 = 0, time.perf_counter()
     for model in args.model or sorted(known):
         spec = known[model]

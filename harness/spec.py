@@ -132,8 +132,17 @@ class ModelSpec:
         return False
 
     # --- checkpoints and tables ---------------------------------------------------------------
-    def read_original_checkpoint(self, path: str, cfg: Any) -> dict[str, np.ndarray]:
+    def read_original_checkpoint(self, path: str, cfg: Any, shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+        """Canonical weights from a checkpoint in the original code's names and format; every missing
+        variable (and, given the canonical ``shapes``, every mis-shaped one) named in one error
+        (``harness.transplant.TransplantError``), nothing returned; non-weight variables ignored."""
         raise NotImplementedError
+
+    def check_original_checkpoint(self, path: str, cfg: Any, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        """What :meth:`read_original_checkpoint` checks, before anything is read or built on it; returns
+        the checkpoint's variables it ignores. Default: reads it (a spec can check names alone)."""
+        self.read_original_checkpoint(path, cfg, shapes)
+        return []
 
     def table_path(self, cfg: Any) -> Path:
         raise NotImplementedError

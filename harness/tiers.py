@@ -7,7 +7,10 @@ get the same arrays, and the engine (harness/engine.py) judges, element by eleme
 * T0 what each side executes (LR schedule probed per phase, optimizer constants, the spec's own
   entries, BatchNorm measured by the detector) against the deviation registry;
 * T1 bit-exact weight round trips reference -> port -> reference and port -> reference -> port, and
-  a checkpoint the reference writes in the original code's format read into the port;
+  a checkpoint the reference's Saver writes under the original names, read into the port; with
+  ``original_checkpoint`` (``--original-checkpoint PATH``) also a checkpoint WRITTEN BY THE ORIGINAL
+  CODE: the reference restores it by TF's own name matching, the port loads the table reader's
+  weights, and the two sides' forward outputs from it are judged as T2's are (:class:`OriginalCheckpoint`);
 * T2 every named forward tensor, chained and isolated (each port layer fed the reference's input),
   and again in each of the spec's regime probes; T3 every loss term, the gradients of each phase's
   loss, and weights + optimizer state after one step of each phase (in the spec's order), the
@@ -22,9 +25,11 @@ what was judged before). An exception of the reference or the harness still prop
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping
@@ -43,6 +48,14 @@ INITS = ("pcg64", "native")  # initial weights: drawn by the harness (numpy PCG6
 LR_PROBE_STEPS = (0, 1, 999, 1000, 1001, 4999, 5000, 10000)
 TIERS = ("T0", "T1", "T2", "T3")
 REFERENCE, PORT = "tf-reference", "torch-port"  # the sides' labels in the BatchNorm detector's table
+# T1's checkpoint sections: where the checkpoint came from is in the name (and every row's note)
+SAVER_CHECKPOINT = "T1 checkpoint by the reference's Saver (original names) -> torch"
+SAVER_PROVENANCE = ("written by the reference's Saver under the original names (not by the original code; "
+                    "--original-checkpoint PATH loads one that is)")
+ORIGINAL = "T1 checkpoint by the original code"
+ORIGINAL_RESTORE, ORIGINAL_WEIGHTS, ORIGINAL_FORWARD = (f"{ORIGINAL} -> TF (restored by name) vs table reader",
+                                                        f"{ORIGINAL} -> torch (table reader): weights", f"{ORIGINAL}: forward")
+ORIGINAL_KEY = "forward:original checkpoint"  # the reference-values key of its forward
 MakePort = Callable[[Any, str], PortSide]
 
 
@@ -90,6 +103,37 @@ def _name64(key: str) -> str:
     return f"{_name32(key)} (float64)"
 
 
+@dataclass(frozen=True)
+class OriginalCheckpoint:
+    """A checkpoint written by the original code (``--original-checkpoint PATH``), checked when the
+    tier is made: its prefix, sha256 of each file, and the variables it holds besides the weights
+    (optimizer slots, ``global_step`` ...: ignored)."""
+
+    path: str
+    prefix: str
+    sha256: Mapping[str, str]
+    ignored: tuple[str, ...]
+
+    @classmethod
+    def open(cls, spec: ModelSpec, path: str, cfg: Any, weight_shapes: Mapping[str, tuple[int, ...]]) -> OriginalCheckpoint:
+        """Raises :class:`harness.transplant.TransplantError` (nothing loaded) naming every missing or
+        mis-shaped variable, or what was looked for when there is no checkpoint at ``path``."""
+        from harness.transplant import checkpoint_files
+
+        prefix, sha = checkpoint_files(path)
+        ignored = spec.check_original_checkpoint(prefix, cfg, weight_shapes)
+        return cls(str(path), prefix, sha, tuple(ignored))
+
+    @property
+    def provenance(self) -> str:
+        files = ", ".join(f"{name} {digest[:16]}" for name, digest in self.sha256.items())
+        return f"written by the original code: {self.prefix} (sha256 {files})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"written_by": "the original code", "path": self.path, "prefix": self.prefix, "sha256": dict(self.sha256),
+                "ignored_variables": len(self.ignored)}
+
+
 class QuickTier:
     """T0–T3 on one batch for one config; the reference is built once and reset before each run, so
     many ports (or planted mutants) can be judged against it cheaply. ``run(make_port)`` takes
@@ -108,7 +152,7 @@ class QuickTier:
 
     def __init__(self, spec: ModelSpec, variant: str, seed: int = 0, dataset: str | None = None, multiple: float = MULTIPLE,
                  init: str = "pcg64", registry: dict | None = None, overrides: dict | None = None, cache: bool = True,
-                 progress: bool = False):
+                 progress: bool = False, original_checkpoint: str | None = None):
         from harness.executed import load_registry
 
         if init not in INITS:
@@ -118,7 +162,13 @@ class QuickTier:
         self.registry = load_registry(spec.deviations_path()) if registry is None else registry
         self.config = cfg = spec.get_config(variant, overrides)
         self.ref = spec.make_reference(cfg)
-        weights, self.batch, self.data_name = draw(spec, cfg, seed, dataset, shapes(self.ref))
+        weight_shapes = shapes(self.ref)
+        try:  # checked before anything else: a missing or mis-shaped variable stops here, nothing loaded
+            self.original = None if original_checkpoint is None else OriginalCheckpoint.open(spec, original_checkpoint, cfg, weight_shapes)
+        except BaseException:
+            self._release_reference()
+            raise
+        weights, self.batch, self.data_name = draw(spec, cfg, seed, dataset, weight_shapes)
         if init == "pcg64":
             self.ref.set_weights(weights)
         del weights
@@ -130,6 +180,10 @@ class QuickTier:
         # after the step, its forward before it (at the previous steps' weights; None for the first phase)
         self._steps: list[tuple] | None = None
         self._checkpoint: Mapping | None = None  # T1: the reference's checkpoint as the spec's reader gives it
+        # T1 with original_checkpoint: its weights as the spec's reader gives them, and the reference's rows
+        # (restored by name vs the reader), both taken while the reference is alone
+        self._original_weights: Mapping | None = None
+        self._original_rows: list[Comparison] | None = None
         self._bn_reference: list | Unsupported | None = None  # T0: the reference's rows of the BatchNorm detector
         self.constants = spec.constants(cfg)
 
@@ -208,7 +262,8 @@ class QuickTier:
             lap("T0")
             self._release()
             self._stage("T1 transplant")
-            if not self._t1(port, sections, absent, spill):
+            plan: dict[str, str] = {}  # section -> reference key, of the sections the float64 twin judges
+            if not self._t1(port, sections, absent, spill, plan):
                 return self._report(sections, floors_, t0)
             lap("T1")
             weights0 = self.weights0
@@ -217,7 +272,7 @@ class QuickTier:
                 weights0, self.weights0 = spill.get("weights0", copy=True), None
                 self._release_reference()
             self._release()
-            plan = self._float32(port, weights0, spill, sections, lap)
+            self._float32(port, weights0, spill, sections, lap, plan)
             del port
             self._release()
             self._reference64(spill, weights0, lap)
@@ -248,7 +303,7 @@ class QuickTier:
             if not self.cache:
                 self._ref_cache.clear()
                 self._ref64_cache.clear()
-                self._steps = self._checkpoint = self._bn_reference = None
+                self._steps = self._checkpoint = self._bn_reference = self._original_weights = self._original_rows = None
             self._release()
         engine.confirm_kinks_in_float64(sections)
         return self._report(sections, floors_, t0)
@@ -334,22 +389,52 @@ class QuickTier:
         with tempfile.TemporaryDirectory() as tmp:
             where = ref.save_checkpoint(f"{tmp}/ckpt")
             self._checkpoint = self._keep(spill, "T1 checkpoint", spec.read_original_checkpoint(where, self.config))
+        if self.original is not None:
+            self._original_reference(spill)
+
+    def _original_reference(self, spill: Spill) -> None:
+        """The original code's checkpoint on the reference, while it is alone: the spec's reader gives
+        its weights (kept for the port, on disk without ``cache``); the reference restores it by its
+        OWN name matching (``restore_original_checkpoint``; a side without it is given the reader's
+        weights), what it then holds is compared bit for bit with the reader's weights (a table row
+        naming the wrong original variable shows here), and its forward from those weights is
+        computed with its batch-split floor, as for T2. The reference is then back at the initial weights."""
+        spec, ref, o = self.spec, self.ref, self.original
+        self._stage("T1 original code's checkpoint: reference")
+        weights = self._original_weights = self._keep(
+            spill, "T1 original weights", spec.read_original_checkpoint(o.prefix, self.config, {k: np.shape(v) for k, v in self.weights0.items()}))
+        restore = getattr(ref, "restore_original_checkpoint", None)
+        try:
+            if restore is None:
+                raise Unsupported(f"{type(ref).__name__} has no restore_original_checkpoint()")
+            restore(o.prefix)
+        except Unsupported as err:  # no name-based restore: the reader's weights, so only the port's side is checked
+            ref.set_weights(for_side(weights))
+            self._original_rows = [skipped("restore_original_checkpoint", f"{err}; the reference was given the table reader's weights")]
+        except Exception as err:  # noqa: BLE001 -- the reader found every weight but the graph's own restore did not: a FAIL row
+            ref.set_weights(for_side(weights))
+            self._original_rows = [_fail("restore_original_checkpoint", f"{type(err).__name__}: {err}")]
+        else:
+            held = ref.get_weights()
+            self._original_rows = _noted([compare_exact(k, held[k] if k in held else np.zeros(0), weights[k]) for k in weights], o.provenance)
+            del held
+        self._ref(ORIGINAL_KEY, spill)
+        ref.set_weights(self.weights0)
 
     def _small(self) -> dict[str, np.ndarray]:
         """T0's batch: the first 8 samples."""
         return {k: v[:8] for k, v in self.batch.items()}
 
     # --- T2 / T3: the float32 port --------------------------------------------------------------------
-    def _float32(self, port, weights0: Mapping, spill: Spill, sections: dict, lap) -> dict[str, str]:
+    def _float32(self, port, weights0: Mapping, spill: Spill, sections: dict, lap, plan: dict[str, str]) -> None:
         """The float32 port's side of T2 and T3 (the same calls, in the same order, as the reference's).
         Each section's port values go to the spill and the section takes its place in the report;
         it is judged in :meth:`_twin`, once the float64 twin has measured its floor. The port's
         optimizer runs in isolation: it applies the gradients the reference's train op itself applied,
         so weights and optimizer state after the step may differ by float32 rounding of the update only
         (floor: the float64 port given the same gradients; cancellation in m amplifies it).
-        Returns {section: reference key}."""
+        Adds {section: reference key} to ``plan``."""
         spec, batch = self.spec, self.batch
-        plan: dict[str, str] = {}
 
         def record(name: str, key: str, port_values: Mapping) -> None:
             # No batch split on the port: a port that wrongly couples samples (BN on batch statistics)
@@ -387,7 +472,6 @@ class QuickTier:
                 sections[name] = None
             self._release()
         lap("T3")
-        return plan
 
     # --- float64 reference --------------------------------------------------------------------------
     def _reference64(self, spill: Spill, weights0: Mapping, lap) -> None:
@@ -494,6 +578,11 @@ class QuickTier:
             port64.set_weights(probe.weights(weights0))
             finish(f"T2 forward, {probe.name}", port64.forward(batch))
             port64.set_weights(dict(weights0))
+        if ORIGINAL_FORWARD in plan:  # the original code's checkpoint: its forward judged as T2's, at the same kind of floor
+            port64.set_weights(for_side(self._original_weights))
+            finish(ORIGINAL_FORWARD, port64.forward(batch))
+            sections[ORIGINAL_FORWARD] = _noted(sections[ORIGINAL_FORWARD], self.original.provenance)
+            port64.set_weights(dict(weights0))
         lap("T2")
         values = port64.losses(batch)
         finish("T3 losses", values)
@@ -568,7 +657,7 @@ class QuickTier:
         sections["T0 learning-rate schedule"] = judge(*per_phase(*probe), {}, 1.0, constants=self.constants)
 
     # --- T1 ---------------------------------------------------------------------------------------
-    def _t1(self, port, sections: dict, absent: frozenset, spill: Spill) -> bool:
+    def _t1(self, port, sections: dict, absent: frozenset, spill: Spill, plan: dict[str, str]) -> bool:
         from harness.transplant import TransplantError
 
         mapped = {k: v for k, v in self.weights0.items() if k not in absent}
@@ -582,8 +671,26 @@ class QuickTier:
             structural(k, "no counterpart in the port (partial mapping)") for k in self.weights0 if k in absent]
         del back, mapped
         sections["T1 torch -> TF -> torch"] = self._round_trip_from_port(port, absent, spill)
-        sections["T1 original checkpoint -> torch"] = self._original_checkpoint(port, absent)
+        sections[SAVER_CHECKPOINT] = self._saver_checkpoint(port, absent)
+        if self.original is not None:
+            self._original_port(port, absent, spill, sections, plan)
         return True
+
+    def _original_port(self, port, absent: frozenset, spill: Spill, sections: dict, plan: dict[str, str]) -> None:
+        """The original code's checkpoint on the float32 port: the reader's weights loaded
+        (``set_weights``) and read back bit for bit, its forward from them recorded for judging at
+        the float64 twin's floor (:meth:`_twin`), as T2's; the port is then back at the initial weights."""
+        weights, note = self._original_weights, self.original.provenance
+        sections[ORIGINAL_RESTORE] = self._original_rows
+        port.set_weights(for_side(weights))
+        back = port.get_weights()
+        sections[ORIGINAL_WEIGHTS] = _noted([compare_exact(k, weights[k], back.get(k, np.zeros(0))) for k in weights if k not in absent] + [
+            structural(k, "no counterpart in the port (partial mapping)") for k in weights if k in absent], note)
+        del back
+        spill.put(f"port32 {ORIGINAL_FORWARD}", port.forward(self.batch))
+        sections[ORIGINAL_FORWARD] = None
+        plan[ORIGINAL_FORWARD] = ORIGINAL_KEY
+        port.set_weights(self.weights0)
 
     def _port_born_weights(self, spill: Spill) -> Mapping:
         """T1's weights born on the port's side: another PCG64 draw (its own stream, so it can be drawn
@@ -617,13 +724,14 @@ class QuickTier:
             self.ref.set_weights(self.weights0)
             port.set_weights(self.weights0)
 
-    def _original_checkpoint(self, port, absent: frozenset) -> list[Comparison]:
-        """A checkpoint in the original code's format and names, written by the reference's saver
-        (``save_checkpoint``) at the initial weights and read through the spec's reader
-        (:meth:`_reference_alone`), loaded into the port."""
+    def _saver_checkpoint(self, port, absent: frozenset) -> list[Comparison]:
+        """A checkpoint in the original code's format and names, but written by the REFERENCE's saver
+        (``save_checkpoint``) at the initial weights, read through the spec's reader
+        (:meth:`_reference_alone`) and loaded into the port: it shows the reader and the port's
+        loading, not that a checkpoint the original code wrote loads (``original_checkpoint`` does)."""
         port.set_weights(self._checkpoint)
         back = port.get_weights()
-        return [compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in self.weights0.items() if k not in absent]
+        return _noted([compare_exact(k, v, back.get(k, np.zeros(0))) for k, v in self.weights0.items() if k not in absent], SAVER_PROVENANCE)
 
     # --- a port that raises -------------------------------------------------------------------------
     def _guard(self, port: PortSide) -> PortSide:
@@ -655,6 +763,7 @@ class QuickTier:
             "seed": self.seed,
             "init": self.init,
             "multiple": self.multiple,
+            "t1_checkpoint": {"written_by": "the reference's Saver under the original names"} if self.original is None else self.original.to_dict(),
             "config": self.spec.config_dict(self.config),
             "environment": fingerprint(),
             "seconds": time.perf_counter() - t0,
@@ -706,6 +815,11 @@ def _raised_note(err: BaseException) -> str:
 
 def _fail(name: str, note: str) -> Comparison:
     return Comparison(name, (), *[float("nan")] * 3, (), 0.0, 0.0, 0.0, "FAIL", note)
+
+
+def _noted(rows: list[Comparison], note: str) -> list[Comparison]:
+    """``rows`` with ``note`` (where a section's checkpoint came from) appended to each row's note."""
+    return [dataclasses.replace(r, note=f"{r.note}; {note}" if r.note else note) for r in rows]
 
 
 def split_by_tier(report: dict) -> dict[str, dict]:

@@ -143,23 +143,76 @@ def check_weights(
         raise TransplantError(f"{where}: nothing loaded; " + "; ".join(problems))
 
 
-def read_original_checkpoint(path: str, model: str, variant: str) -> dict[str, np.ndarray]:
-    """Canonical weights from a TF checkpoint in the ORIGINAL code's variable names (table column
-    ``original_checkpoint``), read with TF's checkpoint reader (TensorFlow needed, no graph built).
+def checkpoint_files(path: str | Path) -> tuple[str, dict[str, str]]:
+    """The prefix of the TF checkpoint at ``path`` and ``{file name: sha256}`` of its files.
 
-    Every table name missing from the checkpoint, or stored with a different rank, is listed and
-    nothing is returned; optimizer slots and ``global_step`` in the checkpoint are ignored.
-    """
+    ``path``: a checkpoint prefix (``.../model.ckpt``, as ``tf.train.Saver.save`` returns it), one of
+    its files (``.index``, ``.data-00000-of-00001``), or a folder with a ``checkpoint`` state file (its
+    latest checkpoint). Raises :class:`TransplantError` naming what was looked for when none is there."""
+    import hashlib
+
+    p = Path(path).expanduser()
+    if p.is_dir():
+        state = p / "checkpoint"
+        found = re.search(r'^model_checkpoint_path:\s*"(.*)"', state.read_text(), re.M) if state.is_file() else None
+        if found is None:
+            raise TransplantError(f"{p}: a folder without a 'checkpoint' state file; give the checkpoint prefix (PREFIX for PREFIX.index)")
+        p = Path(found.group(1)) if Path(found.group(1)).is_absolute() else p / found.group(1)
+    prefix = re.sub(r"\.(index|data-\d+-of-\d+|meta)$", "", str(p))
+    index = Path(prefix + ".index")
+    data = sorted(Path(prefix).parent.glob(Path(prefix).name + ".data-*-of-*")) if Path(prefix).parent.is_dir() else []
+    if not index.is_file() or not data:
+        raise TransplantError(f"{path}: no TF checkpoint there (looked for {index.name} and {Path(prefix).name}.data-*-of-* in "
+                              f"{Path(prefix).parent}); nothing loaded")
+
+    def sha256(f: Path) -> str:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    return prefix, {f.name: sha256(f) for f in (index, *data)}
+
+
+def _open_original(path: str, model: str, variant: str, shapes: Mapping[str, tuple[int, ...]] | None):
+    """TF's reader of the checkpoint at ``path``, the table rows with an original name, and the
+    checkpoint's other variables (ignored); every missing or mis-shaped variable raises, all named at once."""
     from reference_tf import require_tensorflow
 
     tf = require_tensorflow()
     try:
         reader = tf.train.load_checkpoint(path)
     except Exception as err:  # noqa: BLE001 -- TF raises several types for a bad prefix
-        raise TransplantError(f"{path}: not a readable TF checkpoint ({type(err).__name__}: {err})") from None
+        raise TransplantError(f"{path}: not a readable TF checkpoint ({type(err).__name__}: {err}); nothing loaded") from None
     stored = reader.get_variable_to_shape_map()
     rows = [r for r in load_table(model, variant) if r.original_checkpoint]
     missing = sorted(r.original_checkpoint for r in rows if r.original_checkpoint not in stored)
-    if missing:
-        raise TransplantError(f"{path}: nothing loaded; missing variables of the original layout: {missing}")
+    misshaped = [f"{r.original_checkpoint} {tuple(stored[r.original_checkpoint])} (expected {tuple(shapes[r.canonical])} for {r.canonical})"
+                 for r in rows if shapes is not None and r.canonical in shapes and r.original_checkpoint in stored
+                 and tuple(stored[r.original_checkpoint]) != tuple(shapes[r.canonical])]
+    problems = ([f"missing variables of the original layout ({model} {variant}): {missing}"] if missing else []) + (
+        [f"wrong shape: {misshaped}"] if misshaped else [])
+    if problems:
+        raise TransplantError(f"{path}: nothing loaded; " + "; ".join(problems))
+    ignored = sorted(set(stored) - {r.original_checkpoint for r in rows})
+    return reader, rows, ignored
+
+
+def check_original_checkpoint(path: str, model: str, variant: str, shapes: Mapping[str, tuple[int, ...]] | None = None) -> list[str]:
+    """What :func:`read_original_checkpoint` checks, without reading a tensor: raises
+    :class:`TransplantError` naming every missing / mis-shaped variable; returns the checkpoint's
+    variables that are not weights of the table (optimizer slots, ``global_step`` ...: ignored)."""
+    return _open_original(path, model, variant, shapes)[2]
+
+
+def read_original_checkpoint(path: str, model: str, variant: str, shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
+    """Canonical weights from a TF checkpoint in the ORIGINAL code's variable names (table column
+    ``original_checkpoint``), read with TF's checkpoint reader (TensorFlow needed, no graph built).
+
+    Every table name missing from the checkpoint, or (given the canonical ``shapes``) stored with
+    another shape, is listed and nothing is returned; optimizer slots, ``global_step`` and any other
+    variable of the checkpoint are ignored.
+    """
+    reader, rows, _ = _open_original(path, model, variant, shapes)
     return {r.canonical: np.asarray(reader.get_tensor(r.original_checkpoint)) for r in rows}

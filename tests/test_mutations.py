@@ -154,6 +154,9 @@ def tiers():
 def test_faithful_port_passes(tiers, variant):
     report = tiers(variant).run()
     assert report["verdict"] == "PASS", report["first_divergence"]
+    # without --original-checkpoint, T1's checkpoint is the reference's own, and the report says so
+    assert report["t1_checkpoint"] == {"written_by": "the reference's Saver under the original names"}
+    assert all("written by the reference's Saver" in r["note"] for r in report["sections"]["T1 checkpoint by the reference's Saver (original names) -> torch"])
     # The float64 twin is rebuilt between phases with its optimizer state reloaded (harness/tiers.py):
     # its step floors must stay at float32 rounding of one Adam update. Measured (seed 0, digits):
     # at most 1.1e-7 on tiny-dense, 1.5e-6 on tiny-conv (adam_v); a twin that restarts its optimizer

@@ -8,6 +8,8 @@ import pytest
 
 from oddport.adapter import factory
 
+from harness.tiers import SAVER_CHECKPOINT
+
 pytestmark = pytest.mark.tf
 
 
@@ -49,7 +51,7 @@ def test_t1_partial_mapping_is_structural_and_the_rest_transplants(report):
     assert {k: r.verdict for k, r in t1.items() if r.verdict != "PASS"} == {"posterior.head.kernel": "STRUCTURAL",
                                                                             "posterior.head.bias": "STRUCTURAL"}
     assert len(t1) == 41 and t1["posterior.head.kernel"].note == "no counterpart in the port (partial mapping)"
-    for section in ("T1 torch -> TF -> torch", "T1 original checkpoint -> torch"):
+    for section in ("T1 torch -> TF -> torch", SAVER_CHECKPOINT):
         assert [r.verdict for r in report["_sections"][section]] == ["PASS"] * 39
 
 

@@ -605,7 +605,7 @@ def test_original_checkpoint_reader_maps_by_the_table_and_lists_what_is_missing(
     with model.graph.as_default():  # a checkpoint that lacks the SOM and the first encoder kernel
         keep = {n: v for n, v in model._vars.items() if n not in ("embeddings/embeddings", "z_e/encoder/dense/kernel")}  # noqa: SLF001
         partial = tf.compat.v1.train.Saver(keep).save(model.session, str(tmp_path / "partial"), write_meta_graph=False)
-    with pytest.raises(TransplantError, match=r"missing variables of the original layout: \['embeddings/embeddings', 'z_e/encoder/dense/kernel'\]"):
+    with pytest.raises(TransplantError, match=r"missing variables of the original layout \(dpsom dense\): \['embeddings/embeddings', 'z_e/encoder/dense/kernel'\]"):
         read_original_checkpoint(partial, "dpsom", "dense")
     with pytest.raises(TransplantError, match="not a readable TF checkpoint"):
         read_original_checkpoint(str(tmp_path / "nothing-here"), "dpsom", "dense")

@@ -14,7 +14,7 @@ from harness.compare import FLOAT32_EPS
 from harness.engine import split
 from harness.executed import load_registry
 from harness.protocols import PortSide, ReferenceSide
-from harness.tiers import QuickTier
+from harness.tiers import SAVER_CHECKPOINT, QuickTier
 from toymodel.port import ToyPort
 from toymodel.spec import TOY
 
@@ -58,7 +58,7 @@ def test_no_engine_file_knows_the_toy():
 def test_quick_tier_passes(report):
     assert report["verdict"] == "PASS" and report["first_divergence"] is None
     assert report["model"] == "toy" and report["data"] == "synthetic-blobs"
-    for section, n in (("T1 weights (transplant)", 8), ("T1 torch -> TF -> torch", 8), ("T1 original checkpoint -> torch", 8),
+    for section, n in (("T1 weights (transplant)", 8), ("T1 torch -> TF -> torch", 8), (SAVER_CHECKPOINT, 8),
                        ("T2 forward", 5), ("T2 forward, isolated", 5), ("T3 losses", 2), ("T3 gradients of loss.recon", 8),
                        ("T3 gradients of loss.cluster", 4), ("T3 step pretrain: optimizer", 9), ("T3 step cluster: weights", 8),
                        ("T2 forward (float64)", 5), ("T2 forward, isolated (float64)", 5), ("T3 gradients of loss.cluster (float64)", 4)):

@@ -242,6 +242,11 @@ class TFReferenceDPSOM:
         """A TF checkpoint with the original DPSOM.py's variable names; returns its prefix."""
         return self.model.save(path)
 
+    def restore_original_checkpoint(self, path: str) -> None:
+        """The weights of a checkpoint written by the original ``DPSOM.py``, restored by TF's name
+        matching (the graph's variables carry the original names), optimizer state untouched."""
+        self.model.restore_weights(path)
+
     @functools.cached_property
     def _bn_inputs(self) -> dict[str, Any]:
         """Per BN output in ``forward_tensors``, the one float tensor entering that layer's name scope

@@ -100,10 +100,15 @@ class DPSOMSpec(ModelSpec):
         leaf = name.rsplit(".", 1)[-1]
         return leaf.rstrip("0123456789") in ("fc", "conv", "deconv")
 
-    def read_original_checkpoint(self, path: str, cfg: Any) -> dict[str, np.ndarray]:
+    def read_original_checkpoint(self, path: str, cfg: Any, shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, np.ndarray]:
         from harness.transplant import read_original_checkpoint
 
-        return read_original_checkpoint(path, "dpsom", self.variant_of(cfg))
+        return read_original_checkpoint(path, "dpsom", self.variant_of(cfg), shapes)
+
+    def check_original_checkpoint(self, path: str, cfg: Any, shapes: Mapping[str, tuple[int, ...]]) -> list[str]:
+        from harness.transplant import check_original_checkpoint
+
+        return check_original_checkpoint(path, "dpsom", self.variant_of(cfg), shapes)
 
     def table_path(self, cfg: Any) -> Path:
         return Path(__file__).resolve().parents[1] / "tables" / f"dpsom_{self.variant_of(cfg)}.csv"

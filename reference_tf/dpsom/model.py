@@ -530,6 +530,22 @@ class DPSOM:
             saver = self._saver if all(k == v.op.name for k, v in var_list.items()) else tf.compat.v1.train.Saver(var_list)
             saver.restore(self.session, path)
 
+    def restore_weights(self, path: str) -> None:
+        """Restore only the weights (the table's variables, BN moving statistics included) from a
+        checkpoint written by the original ``DPSOM.py``, by TF's own name matching (the original's
+        ``saver.restore``), not through the table's ``original_checkpoint`` column; optimizer slots,
+        ``global_step`` and any other variable of the checkpoint are ignored, the optimizer state is
+        left as it is. Strict: every missing or mis-shaped weight is named and nothing is restored."""
+        in_ckpt = dict(tf.train.list_variables(path))
+        names = list(self._weight_rows.values())
+        missing = sorted(n for n in names if n not in in_ckpt)
+        misshaped = [f"{n} {tuple(in_ckpt[n])} (graph {tuple(self._vars[n].shape.as_list())})" for n in names
+                     if n in in_ckpt and tuple(in_ckpt[n]) != tuple(self._vars[n].shape.as_list())]
+        if missing or misshaped:
+            raise ValueError(f"checkpoint {path}: nothing restored; missing {missing}; wrong shape {misshaped}")
+        with self.graph.as_default():
+            tf.compat.v1.train.Saver({n: self._vars[n] for n in names}).restore(self.session, path)
+
     # ------------------------------------------------------------------------------------------
     # sessions
     # ------------------------------------------------------------------------------------------
