@@ -2,7 +2,7 @@
 
 Tables live between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers and are generated,
 never hand-written: ``parity`` from results/parity/*-T[0-3].json (and the pipeline tiers' *-D.json, *-I.json ...), ``t4`` from results/parity/*-T4-*steps.json,
-``bench`` from results/bench/*.csv.
+``bench`` from results/bench/*.csv, ``schedule`` from results/schedule/*.json.
 ``--check`` exits 1 (listing the stale tables) when README.md and results/ disagree; the test suite
 runs it, so CI fails on a README that does not match the stored results.
 """
@@ -97,7 +97,20 @@ def _t4(results: Path) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench}
+def _schedule(results: Path) -> str:
+    lines = ["| model / variant | schedule | data | seed | side | ACC | NMI | steps | ended | wall (s) | TF vs torch labels (ARI) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for path in sorted((results / "schedule").glob("*-seed*[0-9].json")):
+        d = json.loads(path.read_text())
+        for side in ("reference", "port"):
+            s = d["sides"][side]
+            m = s["metrics"]
+            lines.append(f"| {d['model']} / {d['variant']} | {d['schedule']} | {d['data']} | {d['seed']} | {side} | {m.get('acc', float('nan')):.4f} | "
+                         f"{m.get('nmi', float('nan')):.4f} | {s['steps']} | {s['end']} | {s['seconds']:.0f} | {d['agreement']['ari_tf_vs_torch']:.4f} |")
+    return "\n".join(lines)
+
+
+RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench, "schedule": _schedule}
 
 
 def render(readme: str, results: Path) -> str:
