@@ -62,7 +62,7 @@ def test_quick_tier_passes_every_row(variant):
         assert [r["name"] for r in sections[name]] == forward, name
     assert len(sections) == 22
     assert len(sections["T0 config as executed"]) == 25 and len(sections["T0 learning-rate schedule"]) == 8
-    for name in ("T1 weights (transplant)", "T1 torch -> TF -> torch", "T1 original checkpoint -> torch",
+    for name in ("T1 weights (transplant)", "T1 torch -> TF -> torch", "T1 checkpoint by the reference's Saver (original names) -> torch",
                  "T3 gradients of loss.recon", "T3 step pretrain: weights", "T3 step cluster: weights"):
         assert len(sections[name]) == n_weights, name
     assert [r["name"] for r in sections["T3 losses"]] == ["loss.recon", "loss.cluster"]

@@ -296,3 +296,27 @@ def test_shared_optimizer_is_declared_in_t0_and_fails_the_cluster_step_iteration
         assert optimizer["verdict"] == "FAIL" and optimizer["max_abs"] == 1  # the shared Adam's 2nd step vs a fresh one's 1st
         assert all(not not_passing(report, s) for s in report["sections"] if s.startswith("T3 step pretrain"))
         assert report["verdict"] == verdict  # DECLARED: the numeric FAILs are the declared deviation's effect
+
+
+def test_data_tier_passes_and_flags_a_dropped_partial_batch(monkeypatch):
+    """D: both sides' own data paths equal the original's rule on the digits set; a port whose
+    clustering pointer drops the partial last batch (wraps to 0 at the last full one) is flagged on
+    ``data.train_batches`` against the rule and the reference, nowhere else."""
+    from harness.spec import get_spec
+    from harness.tier_data import run as data_run
+    import ports.dekm.train as ptrain
+
+    spec = get_spec("dekm")
+    ok = data_run(spec, "tiny-conv", dataset="digits")
+    assert all(r.verdict == "PASS" for rows in ok.values() for r in rows), ok
+
+    def dropping(index, n, batch_size):
+        nxt = index + 1 if (index + 2) * batch_size <= n else 0
+        return np.arange(index * batch_size, (index + 1) * batch_size), nxt
+
+    monkeypatch.setattr(ptrain, "cluster_batch", dropping)
+    bad = data_run(spec, "tiny-conv", dataset="digits")
+    failed = {(sec, r.name) for sec, rows in bad.items() for r in rows if r.verdict == "FAIL"}
+    assert failed == {("D data: port vs original rule", "data.train_batches"), ("D data: reference vs port", "data.train_batches"),
+                      ("D data: port vs original rule (validation=True)", "data.train_batches"),
+                      ("D data: reference vs port (validation=True)", "data.train_batches")}, failed

@@ -76,6 +76,22 @@ def evaluate_assignments(refit, embed_all, cluster_metrics, get_acc_nmi, data: M
             "nmi_average": "arithmetic", "assign_from": "k-means labels of the embeddings h (transductive)"}
 
 
+def prepared(x: np.ndarray, y: np.ndarray, cluster_batch, batch_size: int) -> dict[str, np.ndarray]:
+    """A side's own data (its preprocessing, in file order: the permutation is injected) in the tier's
+    names: fed as float32 (Keras casts the float64 array at the model's input), evaluated on every
+    input (transductive: ``x_eval`` is the training set), the clustering phase's batches over two
+    passes from the side's own pointer rule, and the refit's one call over all N."""
+    from harness.tier_data import batch_rows
+
+    x, n, rows, index = np.asarray(x, np.float32), len(x), [], 0
+    for _ in range(2 * -(-n // batch_size)):
+        idx, index = cluster_batch(index, n, batch_size)
+        rows.append(idx)
+    y = np.asarray(y).astype(np.int64)
+    return {"data.x_train": x, "data.y_train": y, "data.x_eval": x, "data.y_eval": y, "data.train_batches": batch_rows(rows, batch_size),
+            "data.eval_batches": np.arange(n, dtype=np.int64)[None]}
+
+
 def _variant(config) -> str:
     return "conv" if config.convolution else "dense"
 
@@ -195,6 +211,15 @@ class TorchDEKM(TorchPortAdapter):
 
         return DEKM(self.config)
 
+    def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> dict[str, np.ndarray]:
+        """``ports.dekm.data.get_xy`` on the raw arrays (identity permutation) and ``train.cluster_batch``."""
+        from ports.dekm.data import RawData, get_xy
+        from ports.dekm.train import cluster_batch
+
+        x, y = get_xy(RawData("MNIST", dict(raw), "data tier"), np.arange(len(raw["x_train"]) + len(raw["x_test"])),
+                      flatten=not self.config.convolution)
+        return prepared(x, y, cluster_batch, self.config.batch_size)
+
     def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
         """``ports.dekm.train.fit`` on the own-loop data (:func:`fit_records`)."""
         from ports.dekm import train
@@ -290,7 +315,12 @@ class TFReferenceDEKM:
         return self.model.initial_weights()
 
     def prepare_data(self, raw: Mapping[str, np.ndarray], validation: bool = False) -> dict[str, np.ndarray]:
-        raise Unsupported("the DEKM reference's data path is tested in its own suite (no data rule declared)")
+        """``reference_tf.dekm.data.mnist_xy`` (the original's MNIST branch) and ``train.cluster_batch``."""
+        from reference_tf.dekm.data import mnist_xy
+        from reference_tf.dekm.train import cluster_batch
+
+        x, y = mnist_xy(*(raw[k] for k in ("x_train", "y_train", "x_test", "y_test")), flatten=not self.config.convolution)
+        return prepared(x, y, cluster_batch, self.config.batch_size)
 
     def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
         """``reference_tf.dekm.train.fit`` on the own-loop data (:func:`fit_records`)."""

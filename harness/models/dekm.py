@@ -225,6 +225,32 @@ class DEKMSpec(ModelSpec):
         return {k: {"x": x_train[rows], "V": np.repeat(r["V"][None], len(x_train[rows]), 0), "t": r["targets"][rows]}
                 for k, r in state["refits"].items()}
 
+    # --- data tier ----------------------------------------------------------------------------------
+    def make_data_reference(self, cfg: Any) -> ReferenceSide:
+        """The reference's data path needs no model: the adapter is built without one."""
+        from harness.adapters.dekm import TFReferenceDEKM
+
+        side = TFReferenceDEKM.__new__(TFReferenceDEKM)
+        side.name, side.config = "tf-reference (data path)", cfg
+        return side
+
+    def data_rule(self, raw: Mapping[str, np.ndarray], cfg: Any, validation: bool) -> dict[str, np.ndarray]:
+        """specs/dekm.md §2, §5.3 written out once more (no validation split: ``validation`` changes
+        nothing): train then test, ``/ 255`` in float64, fed as float32, NHWC (784 columns for the
+        dense model); scored on every input; clustering batches ``i·B : min((i+1)·B, N)`` in order, the
+        partial last one kept, then from 0 again (two passes); the refit's one forward over all N.
+        The pretraining order is injected (a windowed shuffle, T4 / own loop), not compared here."""
+        x = np.concatenate([raw["x_train"], raw["x_test"]]).astype(np.float64) / 255.0
+        x = (x.reshape(len(x), -1) if not cfg.convolution else x.reshape(len(x), *x.shape[1:], 1)).astype(np.float32)
+        y = np.concatenate([raw["y_train"], raw["y_test"]]).astype(np.int64)
+        n, B = len(x), cfg.batch_size
+        starts = np.arange(0, n, B)
+        rows = np.full((2 * len(starts), B), -1, np.int64)
+        for i, s in enumerate(np.concatenate([starts, starts])):
+            rows[i, : min(B, n - s)] = np.arange(s, min(s + B, n))
+        return {"data.x_train": x, "data.y_train": y, "data.x_eval": x, "data.y_eval": y, "data.train_batches": rows,
+                "data.eval_batches": np.arange(n, dtype=np.int64)[None]}
+
     # --- own-loop T4 and evaluation tier -----------------------------------------------------------
     def ownloop_overrides(self, cfg: Any) -> dict[str, str]:
         """Two pretraining epochs and a clustering loop that refits every 3 steps, with a stop

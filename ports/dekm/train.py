@@ -173,6 +173,13 @@ def refit(H: np.ndarray, assignment_old: np.ndarray, n_clusters: int, n_init: in
 KMeansInits = Callable[[int, int], Sequence[np.ndarray] | None]
 
 
+def cluster_batch(index: int, n: int, batch_size: int) -> tuple[np.ndarray, int]:
+    """The clustering phase's batch at pointer ``index`` and the next pointer (the original's rule):
+    ``index·B : min((index+1)·B, N)`` in the fixed order, then ``index + 1`` if ``(index+1)·B <= N``
+    else 0 (so a partial last batch is taken, and N divisible by B yields an empty batch next)."""
+    return np.arange(index * batch_size, min((index + 1) * batch_size, n)), (index + 1 if (index + 1) * batch_size <= n else 0)
+
+
 def fit(trainer: Trainer, x: np.ndarray, y: np.ndarray, pretrain_orders: Sequence[np.ndarray] | None = None,
         kmeans_inits: KMeansInits | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
         *, rng: np.random.Generator | None = None) -> list[dict[str, Any]]:
@@ -225,13 +232,13 @@ def fit(trainer: Trainer, x: np.ndarray, y: np.ndarray, pretrain_orders: Sequenc
         if current.n_changed <= cfg.tol * n:
             reason = "tol"
             break
-        idx = np.arange(index * B, min((index + 1) * B, n))
+        idx, next_index = cluster_batch(index, n, B)
         if len(idx) == 0:
             raise ValueError(f"empty clustering batch at step {ite}: N={n} is a multiple of batch_size={B}, so the "
                              "original's pointer reaches an empty batch (Keras would still move the weights); refused")
         rec = trainer.step("cluster", x[idx], cfg.learning_rate, V=current.V, t=current.targets[idx])
         emit({"phase": "cluster", "refit": n_refits - 1, **rec, "n_changed": current.n_changed})
-        index = index + 1 if (index + 1) * B <= n else 0
+        index = next_index
     labels = assignment if current is not None else np.full(n, -1, dtype=np.int64)
     acc, nmi = get_acc_nmi(y, labels) if current is not None else (float("nan"), float("nan"))
     emit({"phase": "stop", "reason": reason, "labels": labels, "acc": acc, "nmi": nmi, "refits": n_refits})

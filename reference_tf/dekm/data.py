@@ -161,6 +161,14 @@ def _check_permutation(permutation, n: int) -> np.ndarray:
     return p.astype(np.int64)
 
 
+def mnist_xy(x_train, y_train, x_test, y_test, flatten: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The original's MNIST branch of ``get_xy`` before its shuffle: train then test concatenated,
+    ``np.divide(x, 255.)`` in float64, the channel axis appended (or 784 columns, ``flatten``)."""
+    x = np.divide(np.concatenate([x_train, x_test]), 255.0)
+    y = np.concatenate([y_train, y_test])
+    return (x.reshape(-1, 784) if flatten else x.reshape(-1, 28, 28, 1)), y
+
+
 def get_xy(raw: str = "MNIST", permutation=None, *, data_dir=None, flatten: bool = False,
            shuffle_seed: int | None = None, log_print: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The original's arrays ``(x, y)`` in the original's dtypes (MNIST: float64 [70000, 28, 28, 1],
@@ -172,10 +180,7 @@ def get_xy(raw: str = "MNIST", permutation=None, *, data_dir=None, flatten: bool
     ds_name, dir_path = raw, data_dir
     name = ds_name.upper()
     if name == "MNIST":
-        x_tr, y_tr, x_te, y_te = load_mnist(dir_path)
-        x = np.divide(np.concatenate([x_tr, x_te]), 255.0)
-        y = np.concatenate([y_tr, y_te])
-        x = x.reshape(-1, 784) if flatten else x.reshape(-1, 28, 28, 1)
+        x, y = mnist_xy(*load_mnist(dir_path), flatten=flatten)
     elif name == "USPS":
         x, y = load_usps(dir_path)
     elif name in ("COIL20", "COIL-20"):

@@ -268,6 +268,12 @@ def _pretrain_replay(trainer: Trainer, x, orders, records: list, on_step) -> Non
                 on_step(rec)
 
 
+def cluster_batch(index: int, n: int, batch_size: int) -> tuple[np.ndarray, int]:
+    """The original's clustering batch at pointer ``index`` (``arange(N)[index*B : min((index+1)*B, N)]``)
+    and its pointer update (``index + 1 if (index+1)*B <= N else 0``)."""
+    return np.arange(n)[index * batch_size: min((index + 1) * batch_size, n)], (index + 1 if (index + 1) * batch_size <= n else 0)
+
+
 def fit(trainer: Trainer, x, y, pretrain_orders=None, kmeans_inits: Callable | None = None,
         on_step: Callable | None = None) -> list[dict]:
     """The original's whole run; one record per optimizer step and a last ``{'phase': 'stop', ...}``.
@@ -312,7 +318,7 @@ def fit(trainer: Trainer, x, y, pretrain_orders=None, kmeans_inits: Callable | N
         if current.n_changed <= cfg.tol * n:
             reason = "tol"
             break
-        idx = np.arange(n)[index * B: min((index + 1) * B, n)]
+        idx, next_index = cluster_batch(index, n, B)
         if len(idx) == 0:
             raise ValueError(f"step {ite}: empty batch (N={n} is a multiple of batch_size={B}); the original "
                              "would take a zero-gradient Adam step here (specs/dekm.md §8.3)")
@@ -321,7 +327,7 @@ def fit(trainer: Trainer, x, y, pretrain_orders=None, kmeans_inits: Callable | N
         records.append(rec)
         if on_step is not None:
             on_step(rec)
-        index = index + 1 if (index + 1) * B <= n else 0
+        index = next_index
     labels = assignment if current is not None else None
     records.append({"phase": "stop", "reason": reason, "labels": labels, "acc": acc, "nmi": nmi, "refits": n_refits})
     if on_step is not None:
