@@ -56,7 +56,9 @@ def run_side(spec: ModelSpec, cfg: Any, label: str, weights: dict, data: dict, m
 
 
 def run(spec: ModelSpec, variant: str, schedule: str, *, seed: int = 0, dataset: str | None = None, out: Path = Path("runs/schedule"),
-        make_port=None) -> dict[str, Any]:
+        make_port=None, sides: tuple[str, ...] = SIDES) -> dict[str, Any] | None:
+    """Both sides (or only ``sides``: e.g. one per process, in parallel) and, once both are done, the
+    comparison document (None until then)."""
     from sklearn.metrics import adjusted_rand_score
 
     cfg = spec.get_config(variant)
@@ -70,6 +72,8 @@ def run(spec: ModelSpec, variant: str, schedule: str, *, seed: int = 0, dataset:
     result: dict[str, Any] = {}
     for label in SIDES:
         part = out / f"{stem}.{label}.json"
+        if label not in sides and not part.exists():
+            continue
         if part.exists():  # resume: a finished side is not recomputed
             result[label] = json.loads(part.read_text())
             with np.load(out / f"{stem}.{label}.npz") as f:
@@ -80,6 +84,8 @@ def run(spec: ModelSpec, variant: str, schedule: str, *, seed: int = 0, dataset:
         np.savez_compressed(out / f"{stem}.{label}.npz", labels=res["labels"])
         _atomic_json(part, {k: v for k, v in res.items() if k != "labels"})
         result[label] = res
+    if set(result) != set(SIDES):
+        return None
     a, b = result["reference"], result["port"]
     doc = {"model": spec.name, "variant": variant, "schedule": schedule, "data": data_name, "seed": seed,
            "config": spec.config_dict(cfg), "environment": fingerprint(),
@@ -100,9 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", default=None, help="data set (default: MNIST offline, else the embedded digits)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/schedule)")
     parser.add_argument("--store", action="store_true", help="write into results/schedule")
+    parser.add_argument("--side", choices=SIDES, default=None, help="run this side only (the comparison is written once both exist)")
     args = parser.parse_args(argv)
     out = STORED if args.store else (args.out or Path("runs/schedule"))
-    doc = run(get_spec(args.model), args.variant, args.schedule, seed=args.seed, dataset=args.data, out=out)
+    doc = run(get_spec(args.model), args.variant, args.schedule, seed=args.seed, dataset=args.data, out=out,
+              sides=(args.side,) if args.side else SIDES)
+    if doc is None:
+        print(f"{args.side} done; the comparison is written when the other side is")
+        return 0
     for k in SIDES:
         s = doc["sides"][k]
         print(f"{k:9s} {s['metrics']}  {s['steps']} steps, {s['end']}, {s['seconds']:.0f} s")
