@@ -220,7 +220,8 @@ class DEKMSpec(ModelSpec):
             state["refits"] = {k: refit(H[k], old[k], cfg.n_clusters, inits) for k in sides}
             state["labels"] = {k: r["labels"] for k, r in state["refits"].items()}
             state["n_init"] = min(int(2 * state["refits"]["tf"]["n_iter"]), T4_MAX_N_INIT)
-            state["compare"] = {k: {"refit.H": H[k], **{f"refit.{n}": np.asarray(v) for n, v in r.items() if n not in ("targets", "V")},
+            state["compare"] = {k: {"refit.H": H[k], **_aligned(r, state["refits"]["tf"], cfg.n_clusters),
+                                    **{f"refit.{n}": np.asarray(v) for n, v in r.items() if n not in ("targets", "V", "labels", "centres")},
                                     "refit.v": top_eigenvector(r["V"])} for k, r in state["refits"].items()}
         return {k: {"x": x_train[rows], "V": np.repeat(r["V"][None], len(x_train[rows]), 0), "t": r["targets"][rows]}
                 for k, r in state["refits"].items()}
@@ -326,6 +327,22 @@ def windowed_shuffle(n: int, buffer: int, rng: np.random.Generator) -> np.ndarra
             buf[j] = buf[-1]
             buf.pop()
     return np.asarray(out, np.int64)
+
+
+def _aligned(r: Mapping[str, Any], ref: Mapping[str, Any], k: int) -> dict[str, np.ndarray]:
+    """``r``'s labels and centres renamed to best match ``ref``'s (Hungarian on the co-occurrences):
+    k-means' cluster ids are arbitrary, so a side whose candidates converge to the same partition under
+    other ids agrees."""
+    from scipy.optimize import linear_sum_assignment
+
+    w = np.zeros((k, k), np.int64)
+    np.add.at(w, (r["labels"], ref["labels"]), 1)
+    rows, cols = linear_sum_assignment(-w)
+    rename = np.empty(k, np.int64)
+    rename[rows] = cols
+    centres = np.empty_like(r["centres"])
+    centres[rename] = r["centres"]
+    return {"refit.labels": rename[r["labels"]], "refit.centres": centres}
 
 
 # --- the harness's own refit (specs/dekm.md §4.2, §5.3, §7), independent of both sides ----------------
