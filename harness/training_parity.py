@@ -167,7 +167,7 @@ def _between(st: T4Step, values: dict[str, dict[str, Any]], multiple: float, con
         d = dist(values["tf"][name], values["torch"][name])
         floor = max(dist(values["torch"][name], values["torch64"][name]), dist(values["tf"][name], values["tf64"][name]))
         integer = np.asarray(values["tf"][name]).dtype.kind in "iub"
-        tol = multiple * floor if not integer else floor  # an integer quantity: no more changes than rounding alone made
+        tol = multiple * floor  # an integer quantity with a zero floor (rounding alone changed none) must be equal
         ok = d <= tol if (tol > 0 or integer) else d <= multiple * FLOAT32_EPS * max(float(np.max(np.abs(values["tf"][name]))), 1e-30)
         note = (f"{int(d)} of {np.size(values['tf'][name])} differ; own float32 vs float64: {int(floor)}" if integer
                 else f"own float32 vs float64 {floor:.3g}")
