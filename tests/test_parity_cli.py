@@ -9,9 +9,10 @@ from harness.spec import get_spec, models
 
 
 def test_models_come_from_the_registry():
-    assert "dpsom" in models() and get_spec("dpsom").default_variants == ("dense", "conv")
-    with pytest.raises(KeyError, match="unknown model 'dekm'; known: .*dpsom"):
-        get_spec("dekm")
+    assert {"dpsom", "dekm"} <= set(models()) and get_spec("dpsom").default_variants == ("dense", "conv")
+    assert get_spec("dekm").default_variants == ("conv", "dense")
+    with pytest.raises(KeyError, match="unknown model 'tdpsom'; known: .*dekm.*dpsom"):
+        get_spec("tdpsom")
 
 
 def test_a_run_is_named_after_everything_that_makes_it_differ():
@@ -30,7 +31,7 @@ def test_update_stored_refuses_anything_but_the_faithful_default(extra):
 
 def test_bad_arguments_are_named():
     with pytest.raises(SystemExit, match=r"--variant \['dens'\]: not a variant of dpsom"):
-        main(["--variant", "dens"])
+        main(["--model", "dpsom", "--variant", "dens"])
     with pytest.raises(SystemExit, match="not of the form key=value"):
         main(["--config", "prior_var"])
     with pytest.raises(SystemExit, match="expected 'pkg.module:factory'"):

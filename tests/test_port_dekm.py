@@ -318,9 +318,13 @@ def test_cluster_phase_gradient_reaches_encoder_only():
 
 
 def _numpy_keras_adam(w: np.ndarray, grads: list[np.ndarray], lr=1e-3, b1=0.9, b2=0.999, eps=1e-7) -> list[np.ndarray]:
+    """tf_keras' ``Adam.update_step`` in float64: ``tf.cast(self.beta_2, float64)`` turns the Python float
+    into a float32 constant first, so the bias-correction powers (and lr, a float32 variable) use the
+    float32-rounded values; the moment updates use ``1 - beta`` as a Python double."""
     m, v, out = np.zeros_like(w), np.zeros_like(w), []
+    f32 = lambda a: float(np.float32(a))  # noqa: E731
     for t, g in enumerate(grads, start=1):
-        lr_t = lr * math.sqrt(1 - b2**t) / (1 - b1**t)
+        lr_t = f32(lr) * math.sqrt(1 - f32(b2) ** t) / (1 - f32(b1) ** t)
         m = m + (g - m) * (1 - b1)
         v = v + (g * g - v) * (1 - b2)
         w = w - lr_t * m / (np.sqrt(v) + eps)
