@@ -529,9 +529,8 @@ def _synthetic(variant: str, n: int, seed: int = 20) -> tuple[np.ndarray, np.nda
     return np.clip(protos[y] + 0.05 * rng.standard_normal((n, *cfg.input_shape)), 0, 1), y
 
 
-def _inits(H_source):
-    def inits(refit_index: int, n_init: int):
-        H = H_source()
+def _inits():
+    def inits(refit_index: int, n_init: int, H):
         rng = np.random.default_rng(0)  # the same rows every refit: a stable partition
         return [H[rng.choice(len(H), 4, replace=False)] for _ in range(min(n_init, 3))]
 
@@ -545,7 +544,7 @@ def test_fit_runs_to_the_tol_stop(variant):
     cfg = get_config(variant, tol=0.2)
     trainer = Trainer(cfg)
     seen = []
-    records = fit(trainer, x, y, rng=np.random.default_rng(0), on_step=seen.append, kmeans_inits=_inits(lambda: trainer.embed_all(x)))
+    records = fit(trainer, x, y, rng=np.random.default_rng(0), on_step=seen.append, kmeans_inits=_inits())
     assert seen == records
     pre = [r for r in records if r["phase"] == "pretrain"]
     clus = [r for r in records if r["phase"] == "cluster"]
@@ -573,7 +572,7 @@ def test_fit_batches_pointer_orders_and_max_iter(monkeypatch):
 
     monkeypatch.setattr(trainer, "step", spy)
     orders = [np.arange(12)[::-1], np.roll(np.arange(12), 3)]
-    records = fit(trainer, x, y, pretrain_orders=orders, kmeans_inits=_inits(lambda: trainer.embed_all(x)))
+    records = fit(trainer, x, y, pretrain_orders=orders, kmeans_inits=_inits())
     pre = [c[1] for c in calls if c[0] == "pretrain"]
     assert pre == [list(range(11, 6, -1)), list(range(6, 1, -1)), [1, 0], [9, 10, 11, 0, 1], [2, 3, 4, 5, 6], [7, 8]]
     clus = [c[1] for c in calls if c[0] == "cluster"]

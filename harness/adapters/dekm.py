@@ -39,8 +39,8 @@ def fit_records(fit, trainer, data: Mapping[str, np.ndarray]) -> list[dict[str, 
 
     x, y, seeds = np.asarray(data["x"]), np.asarray(data["y"]), np.asarray(data["kmeans_seeds"])
 
-    def inits(refit: int, n_init: int) -> list[np.ndarray]:
-        return kmeans_candidates(trainer.embed_all(x), trainer.config.n_clusters, seeds[refit % len(seeds), :n_init])
+    def inits(refit: int, n_init: int, H: np.ndarray) -> list[np.ndarray]:  # H: the refit's own embeddings
+        return kmeans_candidates(H, trainer.config.n_clusters, seeds[refit % len(seeds), :n_init])
 
     out: list[dict[str, Any]] = []
     fit(trainer, x, y, pretrain_orders=list(np.asarray(data["pretrain_orders"])), kmeans_inits=inits, on_step=out.append)

@@ -170,7 +170,7 @@ def refit(H: np.ndarray, assignment_old: np.ndarray, n_clusters: int, n_init: in
     return Refit(labels, U, int(best.n_iter_), n_changed, S_w, eigvals, V, targets)
 
 
-KMeansInits = Callable[[int, int], Sequence[np.ndarray] | None]
+KMeansInits = Callable[[int, int, np.ndarray], Sequence[np.ndarray] | None]
 
 
 def cluster_batch(index: int, n: int, batch_size: int) -> tuple[np.ndarray, int]:
@@ -186,7 +186,7 @@ def fit(trainer: Trainer, x: np.ndarray, y: np.ndarray, pretrain_orders: Sequenc
     """The original's whole schedule (module docstring); one record per optimizer step, then a ``stop`` record.
 
     ``pretrain_orders[e]``: epoch e's index order (length N, cut into batches of ``pretrain_batch_size``);
-    None: the port's own (``rng``, unseeded if None). ``kmeans_inits(refit_index, n_init)``: candidate
+    None: the port's own (``rng``, unseeded if None). ``kmeans_inits(refit_index, n_init, H)``: candidate
     initial centres for that refit (None or returning None: native k-means). ``on_step(record)``: called
     with every record. Records: ``phase``, ``epoch`` / ``refit``, ``global_step``, ``lr``, the loss term,
     ``n_changed`` (clustering); last ``{"phase": "stop", "reason": "tol" | "max_iter", "labels", "acc",
@@ -224,7 +224,7 @@ def fit(trainer: Trainer, x: np.ndarray, y: np.ndarray, pretrain_orders: Sequenc
     for ite in range(cfg.max_iter):
         if ite % cfg.update_interval == 0:
             H = trainer.embed_all(x)
-            inits = kmeans_inits(n_refits, n_init) if kmeans_inits is not None else None
+            inits = kmeans_inits(n_refits, n_init, H) if kmeans_inits is not None else None
             current = refit(H, assignment, K, n_init, inits)
             assignment, n_init = current.labels, int(2 * current.n_iter)
             n_refits += 1

@@ -279,7 +279,7 @@ def fit(trainer: Trainer, x, y, pretrain_orders=None, kmeans_inits: Callable | N
     """The original's whole run; one record per optimizer step and a last ``{'phase': 'stop', ...}``.
 
     ``pretrain_orders``: per-epoch index arrays (None: the native tf.data shuffle + ``fit``);
-    ``kmeans_inits(refit_index, n_init)``: candidate initial centres (None: unseeded k-means++);
+    ``kmeans_inits(refit_index, n_init, H)``: candidate initial centres (None: unseeded k-means++);
     ``on_step(record)``: called after every step record. The clustering phase runs on a NEW model
     (``trainer.model`` is replaced) loaded from the pretrained weights through an h5 file, with a
     fresh Adam."""
@@ -308,7 +308,7 @@ def fit(trainer: Trainer, x, y, pretrain_orders=None, kmeans_inits: Callable | N
     for ite in range(cfg.max_iter):
         if ite % cfg.update_interval == 0:
             H = trainer.embed_all(x)
-            inits = None if kmeans_inits is None else kmeans_inits(n_refits, n_init)
+            inits = None if kmeans_inits is None else kmeans_inits(n_refits, n_init, H)
             current = refit(H, assignment, K, n_init, inits)
             n_refits += 1
             n_init = int(current.n_iter * 2)
