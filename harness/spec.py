@@ -72,6 +72,7 @@ class ModelSpec:
     reductions: Mapping[str, str] = {}  # loss name -> "mean" | "sum" over the batch
     has_batchnorm: bool = False
     activation_slope_names: tuple[str, ...] = ()  # config fields holding activation slopes (diagnoses)
+    reported_metrics: tuple[str, ...] = ("nmi", "purity")  # what the original reports (harness.metrics keys), T5 tables
 
     # --- config ---------------------------------------------------------------------------
     def get_config(self, variant: str, overrides: Mapping[str, str] | None = None) -> Any:
@@ -202,16 +203,25 @@ class ModelSpec:
         the evaluation tier's ``full=True``), and the data set's name."""
         raise NotImplementedError(f"{self.name}: no evaluation data")
 
-    # --- whole schedules (harness/schedule_run.py) ---------------------------------------------------
+    # --- whole schedules (harness/schedule_run.py, harness/matrix.py) --------------------------------
     def schedules(self, cfg: Any) -> dict[str, dict[str, str]]:
         """Named training schedules: config overrides per name (``original``: none; a reduced one sized
         for a CPU). None by default."""
         raise NotImplementedError(f"{self.name}: no named schedules")
 
-    def schedule_data(self, cfg: Any, dataset: str | None, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], str]:
+    def schedule_data(self, cfg: Any, dataset: str | None, rng: np.random.Generator,
+                      limit: int | None = None) -> tuple[dict[str, np.ndarray], str]:
         """What each side's ``fit_records`` takes for a whole schedule: the training data as the
-        original uses it and every random quantity of the run, drawn from ``rng``; and the data's name."""
+        original uses it (its first ``limit`` examples only, if given: a CPU-sized run) and every
+        random quantity of the run, drawn from ``rng``; and the data's name."""
         raise NotImplementedError(f"{self.name}: no schedule data")
+
+    def final_evaluation(self, side: Any, cfg: Any, data: Mapping[str, np.ndarray], records: list[dict[str, Any]],
+                         eps: Any) -> dict[str, Any]:
+        """What a side reports at the end of a whole schedule, as the original reports it: by default
+        its own ``evaluate_assignments`` on the schedule's data (``eps`` feeding its noise); a model
+        adds its own metrics to ``metrics`` here. ``records``: the side's ``fit_records``."""
+        return side.evaluate_assignments(data, eps)
 
     # --- config matrix ------------------------------------------------------------------------
     def config_matrix(self, variant: str) -> tuple[ConfigCase, ...]:

@@ -72,6 +72,7 @@ class DEKMSpec(ModelSpec):
     phases = (Phase("pretrain", "loss.recon", 1e-3), Phase("cluster", "loss.cluster", 1e-3))
     reductions = {"loss.recon": "mean", "loss.cluster": "sum"}
     has_batchnorm = False
+    reported_metrics = ("acc", "nmi_arithmetic")  # get_acc_nmi: Hungarian ACC, sklearn's default (arithmetic) NMI
     probes = (Probe("non-zero biases", _nonzero_biases,
                     "the original initialises every bias to zero, so a bias mapped wrongly is invisible at initialisation"),)
 
@@ -298,16 +299,28 @@ class DEKMSpec(ModelSpec):
         (the injected candidates cap n_init at ``SCHEDULE_CANDIDATES``)."""
         return {"original": {}, "reduced": {"pretrain_epochs": "5", "max_iter": "800"}}
 
-    def schedule_data(self, cfg: Any, dataset: str | None, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], str]:
+    def schedule_data(self, cfg: Any, dataset: str | None, rng: np.random.Generator,
+                      limit: int | None = None) -> tuple[dict[str, np.ndarray], str]:
         """Every input (MNIST: train + test, x / 255) in one order drawn from ``rng`` (the original's
-        ``get_xy`` shuffle), and :meth:`injected` for the run."""
+        ``get_xy`` shuffle; the first ``limit`` of that order if given), and :meth:`injected` for the run."""
         from harness.data import all_images_dekm, offline_raw
 
         raw = offline_raw(dataset)
         _, y = all_images_dekm(raw)
         x, _ = self.load_data(cfg, dataset, len(y))
-        perm = rng.permutation(len(y))
-        return {"x": x[perm], "y": y[perm], **self.injected(cfg, len(y), SCHEDULE_CANDIDATES, rng)}, raw.name
+        perm = rng.permutation(len(y))[:limit]
+        return {"x": x[perm], "y": y[perm], **self.injected(cfg, len(perm), SCHEDULE_CANDIDATES, rng)}, raw.name
+
+    def final_evaluation(self, side: Any, cfg: Any, data: Mapping[str, np.ndarray], records: list[dict[str, Any]],
+                         eps: Any) -> dict[str, Any]:
+        """The original reports the labels of its last refit (the loop's ``stop`` record), scored on
+        every input: the side's own ``acc`` / ``nmi`` (``get_acc_nmi``) and the field's metrics."""
+        from harness.metrics import cluster_metrics
+
+        last, y = records[-1], np.asarray(data["y"]).astype(np.int64)
+        labels = np.asarray(last["labels"]).astype(np.int64)
+        return {"assignments": labels, "labels": y, "nmi_average": "arithmetic", "assign_from": "the last refit's k-means labels",
+                "metrics": {**cluster_metrics(y, labels), "acc_original": float(last["acc"]), "nmi_original": float(last["nmi"])}}
 
 
 OWNLOOP_BATCH, OWNLOOP_BATCHES, OWNLOOP_CANDIDATES, SCHEDULE_CANDIDATES = 16, 3, 4, 20

@@ -22,6 +22,17 @@ FAR_SOM = 300.0  # embeddings scale of the far-SOM probe (z_dist ~ 1e2-1e4 at in
 SOM_INIT_LRS = (0.9, 0.3, 0.1, 0.01)
 
 
+def topographic_error(distances: np.ndarray, som_dim: tuple[int, int]) -> float:
+    """Share of inputs whose nearest and second-nearest nodes (by ``distances`` [N, K], node k at row
+    k // columns, column k % columns) are not 4-neighbours on the torus DPSOM's L_SOM wraps around."""
+    rows, cols = som_dim
+    order = np.argsort(np.asarray(distances), axis=1, kind="stable")[:, :2]
+    (r1, c1), (r2, c2) = divmod(order[:, 0], cols), divmod(order[:, 1], cols)
+    dr, dc = np.abs(r1 - r2), np.abs(c1 - c2)
+    dr, dc = np.minimum(dr, rows - dr), np.minimum(dc, cols - dc)
+    return float(np.mean(dr + dc != 1))
+
+
 def target_distribution(q: np.ndarray) -> np.ndarray:
     """DEC's p = (q² / Σ_i q) normalised per row, in float64 (harness-side; each side's own p is
     tested in its own suite)."""
@@ -216,6 +227,44 @@ class DPSOMSpec(ModelSpec):
         d = dpsom_splits(raw, validation=cfg.validation)
         return {"x_eval": d.x_eval, "y_eval": d.y_eval}, raw.name
 
+
+    # --- whole schedules (harness/schedule_run.py, harness/matrix.py) --------------------------------
+    def schedules(self, cfg: Any) -> dict[str, dict[str, str]]:
+        """``original``: 15 VAE epochs, 4 x 5 SOM-initialisation epochs, 300 joint epochs (specs/dpsom.md
+        §6.3); ``reduced``: 3 VAE epochs, the same four 5-epoch SOM-initialisation stages, 5 joint
+        epochs (4 760 steps on MNIST: minutes per side on a laptop CPU). Both keep batch 300, the LR
+        decay every 1000 global steps and the per-epoch target distribution."""
+        return {"original": {}, "reduced": {"epochs_pretrain": "3", "som_init_epochs_per_stage": "5", "num_epochs": "5"}}
+
+    def schedule_data(self, cfg: Any, dataset: str | None, rng: np.random.Generator,
+                      limit: int | None = None) -> tuple[dict[str, np.ndarray], str]:
+        """The original's training array (MNIST: the 51 000-image pool split, in its order; DPSOM never
+        shuffles; its first ``limit`` images if given) and its whole final evaluation set; the noise
+        of every forward is the run's own stream (``eps``), so ``rng`` is not drawn from."""
+        from harness.data import dpsom_splits, offline_raw
+
+        raw = offline_raw(dataset)
+        d = dpsom_splits(raw, validation=cfg.validation)
+        x_train = d.x_train[:limit].copy() if limit else d.x_train
+        if len(x_train) < cfg.batch_size:
+            raise ValueError(f"{raw.name}: {len(x_train)} training images, fewer than one batch ({cfg.batch_size})")
+        return {"x_train": x_train, "x_eval": d.x_eval, "y_eval": d.y_eval}, raw.name
+
+    def final_evaluation(self, side: Any, cfg: Any, data: Mapping[str, np.ndarray], records: list[dict[str, Any]],
+                         eps: Any) -> dict[str, Any]:
+        """The side's own evaluation (BMU of a sampled z for every full batch of the evaluation set) plus
+        the two DPSOM-only metrics: the topographic error on the toroidal grid (share of inputs whose
+        two nearest nodes are not neighbours: the SOM's own order) and the reconstruction NLL (the
+        ELBO's Bernoulli term, nats per image, averaged over the same batches)."""
+        ev = side.evaluate_assignments(data, eps)
+        ev["metrics"] = {**ev["metrics"], "topographic_error": topographic_error(ev["distances"], cfg.som_dim)}
+        B, K = cfg.batch_size, cfg.som_dim[0] * cfg.som_dim[1]
+        x, nll = np.asarray(data["x_eval"]), []
+        p = np.full((B, K), 1.0 / K, np.float32)  # loss.elbo.nll does not read p
+        for start in range(0, len(x) - B + 1, B):
+            nll.append(side.losses({"x": x[start : start + B], "eps": eps((B, cfg.latent_dim)), "p": p})["loss.elbo.nll"])
+        ev["metrics"]["reconstruction_nll"] = float(np.mean(nll))
+        return ev
 
     # --- config matrix ------------------------------------------------------------------------------
     def config_matrix(self, variant: str) -> tuple[ConfigCase, ...]:
