@@ -4,6 +4,9 @@
     nox -s tests           # the pytest suite (what CI runs)
     nox -s tests_notf      # torch-only environment: TF-dependent tests skip with one line each
     nox -s bench           # pytest-benchmark timings (per-step, both sides) -> results/bench/
+    nox -s matrix          # T5: the runs of matrix.toml (joblib; -- --jobs 2, --only dpsom-dense, --store ...)
+    nox -s table           # T5: results/matrix -> summary.csv, figures, and the README tables
+    nox -s regress         # CI regression gate: quick tier + CPU-sized schedule runs vs results/regress
     nox -s lint            # ruff check (rules in pyproject.toml [tool.ruff])
 
 Environments are reused between runs (``reuse_venv``); a changed constraints.txt reinstalls.
@@ -64,6 +67,28 @@ def parity(session: nox.Session) -> None:
     """The main job: port vs reference on the same weights and noise; ``-- --help`` for options."""
     _install(session, "torch,tf,test")
     session.run("python", "-m", "harness.parity", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON)
+def matrix(session: nox.Session) -> None:
+    """T5 runs (matrix.toml) as joblib jobs; finished runs are never recomputed; ``-- --help``."""
+    _install(session, "torch,tf,test")
+    session.run("python", "-m", "harness.matrix", *session.posargs, env=_env())
+
+
+@nox.session(python=PYTHON)
+def table(session: nox.Session) -> None:
+    """T5 tables and figures from results/matrix, then every README table from results/."""
+    _install(session, "torch,tf,test")
+    session.run("python", "-m", "harness.t5_table", *session.posargs, env=_env())
+    session.run("python", "-m", "harness.readme", env=_env())
+
+
+@nox.session(python=PYTHON)
+def regress(session: nox.Session) -> None:
+    """CI regression gate (harness/regress.py): exits 1 listing every drift from the stored baseline."""
+    _install(session, "torch,tf,test")
+    session.run("python", "-m", "harness.regress", *session.posargs, env=_env())
 
 
 # glibc returns large freed blocks to the OS and faults them back in on the next step; TF's own

@@ -2,7 +2,8 @@
 
 Tables live between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers and are generated,
 never hand-written: ``parity`` from results/parity/*-T[0-3].json (and the pipeline tiers' *-D.json, *-I.json ...), ``t4`` from results/parity/*-T4-*steps.json,
-``bench`` from results/bench/*.csv, ``schedule`` from results/schedule/*.json.
+``bench`` from results/bench/*.csv, ``schedule`` from results/schedule/*.json, ``metrics`` (T5)
+from results/matrix/summary.csv.
 ``--check`` exits 1 (listing the stale tables) when README.md and results/ disagree; the test suite
 runs it, so CI fails on a README that does not match the stored results.
 """
@@ -110,7 +111,35 @@ def _schedule(results: Path) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench, "schedule": _schedule}
+def _fmt(mean: float, sd: float) -> str:
+    return f"{mean:.4f} ± {sd:.4f}" if sd == sd else f"{mean:.4f}"
+
+
+def _metrics(results: Path) -> str:
+    """T5: one row per (model, variant, data, schedule) and reported metric with a margin, from
+    results/matrix/summary.csv (harness/t5_table.py); published numbers from harness/published.csv."""
+    path = results / "matrix" / "summary.csv"
+    if not path.exists():
+        return "No T5 runs stored yet (`python -m harness.matrix --store`, then `nox -s table`)."
+    df = pd.read_csv(path)
+    df = df[df["verdict"].notna()]
+    pub = pd.read_csv(Path(__file__).resolve().parent / "published.csv")
+    sources = list(dict.fromkeys(pub["source"]))
+    lines = ["| model / variant | data | schedule | metric | TF reference | PyTorch port | Δ TF − torch (90 % CI) | margin | verdict "
+             "| seeds | ARI TF vs torch | published, original schedule | device |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in df.itertuples():
+        data = f"{r.dataset} (first {r.limit})" if r.limit else r.dataset
+        hits = pub[(pub["model"] == r.model) & (pub["variant"] == r.variant) & (pub["dataset"] == r.dataset) & (pub["metric"] == r.metric)]
+        published = "; ".join(f"{h.value:.4f} {h.implementation} [{sources.index(h.source) + 1}]" for h in hits.itertuples()) or "none"
+        lines.append(f"| {r.model} / {r.variant} | {data} | {r.schedule} | {r.metric} | {_fmt(r.tf_mean, r.tf_sd)} | {_fmt(r.torch_mean, r.torch_sd)} | "
+                     f"{r.diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | ±{r.margin:g} | **{r.verdict}** | {r.n_paired} | "
+                     f"{r.ari_mean:.3f} ({r.identical_seeds} identical) | {published} | {r.device} |")
+    lines += ["", *[f"[{i + 1}] {s}" for i, s in enumerate(sources)]]
+    return "\n".join(lines)
+
+
+RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench, "schedule": _schedule, "metrics": _metrics}
 
 
 def render(readme: str, results: Path) -> str:

@@ -1,0 +1,227 @@
+"""Tier T5: the run matrix (harness/matrix.py), the tables and verdicts (harness/t5_table.py), the
+README table (harness/readme.py) and the CI regression gate (harness/regress.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from harness import matrix, regress, t5_table
+from harness.models.dpsom import topographic_error
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = """
+[defaults]
+dataset = "MNIST"
+schedule = "original"
+frameworks = ["tf", "torch"]
+seeds = [0, 1]
+limit = 50
+
+[equivalence]
+alpha = 0.05
+margin = { nmi = 0.01, purity = 0.01 }
+
+[[run]]
+model = "dpsom"
+variant = "tiny-dense"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "m.toml"
+    path.write_text(text)
+    return path
+
+
+# --- the matrix file --------------------------------------------------------------------------------
+def test_matrix_file_expands_every_run(tmp_path):
+    m = matrix.load_matrix(_write(tmp_path, TINY))
+    assert [r.stem for r in m.runs] == [f"dpsom-tiny-dense-MNIST-n50-original-seed{s}-{f}" for s in (0, 1) for f in ("tf", "torch")]
+    assert m.alpha == 0.05 and m.margins == {"nmi": 0.01, "purity": 0.01}
+
+
+def test_stored_matrix_files_load():
+    runs = matrix.load_matrix(ROOT / "matrix.toml").runs
+    assert {(r.model, r.variant) for r in runs} == {("dpsom", "dense"), ("dpsom", "conv"), ("dekm", "dense"), ("dekm", "conv")}
+    assert {r.seed for r in runs} == set(range(5)) and {r.framework for r in runs} == {"tf", "torch"}
+    assert len(matrix.load_matrix(ROOT / "regress.toml").runs) == 6
+
+
+@pytest.mark.parametrize("edit, message", [
+    (('variant = "tiny-dense"', 'variant = "tiny-dense"\nlr = 3'), "[[run]] #1: unknown key(s) ['lr']"),
+    (('model = "dpsom"', 'model = "dpsomm"'), "model 'dpsomm' is not registered"),
+    (('variant = "tiny-dense"', 'variant = "huge"'), "dpsom has no variant 'huge'"),
+    (('schedule = "original"', 'schedule = "fast"'), "schedule 'fast' unknown; dpsom has ['original', 'reduced']"),
+    (("seeds = [0, 1]", "seeds = [0, -1]"), "seeds must be a non-empty list of non-negative integers"),
+    (('frameworks = ["tf", "torch"]', 'frameworks = ["jax"]'), "frameworks must be a non-empty list of ['tf', 'torch']"),
+    (("limit = 50", 'limit = "all"'), "limit must be a non-negative integer"),
+    (("margin = { nmi = 0.01, purity = 0.01 }", "margin = { nmi = -0.01 }"), "positive float margins"),
+    (("[equivalence]", "[equivalnce]"), "unknown table(s) ['equivalnce']"),
+])
+def test_matrix_file_errors_name_file_entry_and_key(tmp_path, edit, message):
+    path = _write(tmp_path, TINY.replace(*edit))
+    with pytest.raises(ValueError) as err:
+        matrix.load_matrix(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_matrix_cli_lists_and_refuses_bad_selection(tmp_path, capsys):
+    path = _write(tmp_path, TINY)
+    assert matrix.main(["--config", str(path), "--out", str(tmp_path / "out"), "--list"]) == 0
+    assert capsys.readouterr().out.count("pending") == 4
+    assert matrix.main(["--config", str(path), "--only", "dekm"]) == 2
+    assert "no run of" in capsys.readouterr().err
+
+
+# --- runs: both frameworks, same seed -> same weights and noise -----------------------------------
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t5")
+    runs = matrix.load_matrix(_write(out, TINY)).runs
+    docs = matrix.run_matrix(list(runs), out, jobs=1, threads=1, progress=False)
+    return out, runs, docs
+
+
+@pytest.mark.tf
+def test_tiny_runs_agree_across_frameworks(tiny_runs):
+    """tiny-dense on 50 images: 60 steps, and the port's own loop lands on the reference's BMUs for
+    all 10 000 evaluated images (2 000 batches of 5) at both seeds (float32 drift over 60 steps moves no argmin here)."""
+    out, runs, docs = tiny_runs
+    assert len(docs) == 4
+    by = {(d["seed"], d["framework"]): d for d in docs}
+    for seed in (0, 1):
+        tf, torch = by[seed, "tf"], by[seed, "torch"]
+        assert tf["steps"] == torch["steps"] == 60 and tf["noise_rows"] == torch["noise_rows"]
+        with np.load(out / "runs" / f"dpsom-tiny-dense-MNIST-n50-original-seed{seed}-tf.npz") as a, \
+                np.load(out / "runs" / f"dpsom-tiny-dense-MNIST-n50-original-seed{seed}-torch.npz") as b:
+            assert len(a["assignments"]) == 10_000 == tf["n_evaluated"]
+            np.testing.assert_array_equal(a["assignments"], b["assignments"])
+            np.testing.assert_array_equal(a["labels"], b["labels"])
+        for k in ("nmi", "purity", "acc", "topographic_error"):
+            assert tf["metrics"][k] == torch["metrics"][k]
+        # the NLL is a float32 mean over 33 batches of free-running models: agreement to 1e-4 relative
+        assert tf["metrics"]["reconstruction_nll"] == pytest.approx(torch["metrics"]["reconstruction_nll"], rel=1e-4)
+    assert by[0, "tf"]["metrics"]["nmi"] != by[1, "tf"]["metrics"]["nmi"]  # the seed reaches the run
+
+
+@pytest.mark.tf
+def test_finished_runs_are_not_recomputed(tiny_runs, monkeypatch):
+    out, runs, _ = tiny_runs
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    monkeypatch.setattr("harness.spec.get_spec", lambda name: pytest.fail("a finished run was recomputed"))
+    assert matrix.run_matrix(list(runs), out, jobs=1, progress=False) == []
+    assert matrix.execute(runs[0], out)["metrics"]["nmi"] > 0
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == before
+
+
+@pytest.mark.tf
+def test_tables_and_readme_from_runs(tiny_runs, tmp_path):
+    out, _, _ = tiny_runs
+    folder = tmp_path / "results"
+    shutil.copytree(out, folder / "matrix")
+    assert t5_table.main(["--runs", str(folder / "matrix"), "--config", str(out / "m.toml")]) == 0
+    summary = pd.read_csv(folder / "matrix" / "summary.csv")
+    nmi = summary[summary["metric"] == "nmi"].iloc[0]
+    assert nmi["verdict"] == "equivalent" and nmi["diff"] == 0 and nmi["ari_mean"] == 1.0 and nmi["identical_seeds"] == 2
+    assert np.isnan(summary[summary["metric"] == "ami"].iloc[0]["margin"])  # no margin declared: no verdict
+    assert (folder / "matrix" / "figures" / "dpsom-tiny-dense-MNIST-n50-original.png").stat().st_size > 10_000
+    from harness.readme import _metrics
+
+    table = _metrics(folder)
+    assert "| dpsom / tiny-dense | MNIST (first 50) | original | nmi |" in table and "**equivalent**" in table
+
+
+def test_run_schema_is_checked(tmp_path):
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "x.json").write_text(json.dumps({"model": "dpsom", "seed": "0"}))
+    with pytest.raises(ValueError, match=r"x.json: variant must be str"):
+        t5_table.load_runs(tmp_path)
+
+
+# --- verdicts -------------------------------------------------------------------------------------
+def test_equivalence_matches_the_two_one_sided_tests_by_hand():
+    tf = np.array([0.700, 0.710, 0.690, 0.705, 0.695])
+    torch = tf - np.array([0.002, -0.001, 0.003, 0.000, 0.001])
+    d = tf - torch
+    se = d.std(ddof=1) / np.sqrt(5)
+    p_hand = max(stats.t.sf((d.mean() + 0.01) / se, 4), stats.t.cdf((d.mean() - 0.01) / se, 4))
+    r = t5_table.equivalence(tf, torch, 0.01, 0.05)
+    assert r["p_tost"] == pytest.approx(p_hand, rel=1e-9) and r["verdict"] == "equivalent"
+    assert r["ci_low"] == pytest.approx(d.mean() - stats.t.ppf(0.95, 4) * se)
+
+
+def test_equivalence_verdicts():
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.7, 5)
+    assert t5_table.equivalence(base, base, 0.01, 0.05)["verdict"] == "equivalent"  # sd 0, d = 0
+    assert t5_table.equivalence(base, base - 0.02, 0.01, 0.05)["verdict"] == "different"  # sd 0, |d| > margin
+    shifted = base - 0.05 + rng.normal(0, 0.002, 5)
+    assert t5_table.equivalence(base, shifted, 0.01, 0.05)["verdict"] == "different"
+    noisy = base + rng.normal(0, 0.05, 5)
+    assert t5_table.equivalence(base, noisy, 0.01, 0.05)["verdict"] == "not shown equivalent"
+    assert t5_table.equivalence(base[:1], base[:1], 0.01, 0.05)["verdict"] == "too few seeds"
+
+
+def test_topographic_error_on_the_torus():
+    """3x3 grid, node k at (k // 3, k % 3): second-best 1 (right of 0), 2 (left of 0 through the wrap),
+    6 (above 0 through the wrap), 4 (diagonal: an error), 8 (diagonal through both wraps: an error)."""
+    d = np.full((5, 9), 10.0)
+    d[:, 0] = 0.0
+    for i, second in enumerate((1, 2, 6, 4, 8)):
+        d[i, second] = 1.0
+    assert topographic_error(d, (3, 3)) == pytest.approx(2 / 5)
+
+
+# --- regression gate ---------------------------------------------------------------------------------
+def _frame(values: dict[int, float], framework="torch") -> pd.DataFrame:
+    return pd.DataFrame([{"model": "dpsom", "variant": "dense", "dataset": "MNIST", "limit": 3000, "schedule": "reduced",
+                          "framework": framework, "seed": s, "metric.nmi": v} for s, v in values.items()])
+
+
+def test_metric_drift_band_is_three_standard_errors():
+    base = _frame({0: 0.50, 1: 0.52, 2: 0.54})
+    band = 3 * 0.02 / np.sqrt(3)
+    same = regress.metric_drifts(base, base)
+    assert not same["drift"].any() and same["band"].iloc[0] == pytest.approx(band)
+    inside = regress.metric_drifts(base, _frame({0: 0.50 + 0.9 * band, 1: 0.52 + 0.9 * band, 2: 0.54 + 0.9 * band}))
+    assert not inside["drift"].any()
+    planted = regress.metric_drifts(base, _frame({0: 0.45, 1: 0.47, 2: 0.49}))
+    assert planted["drift"].all() and planted["delta"].iloc[0] == pytest.approx(-0.05)
+    lost = regress.metric_drifts(base, _frame({0: 0.50, 1: 0.52}))
+    assert lost["drift"].all()  # a seed missing now
+
+
+def test_regress_cli_fails_on_a_planted_drift(tmp_path, capsys):
+    """The stored baseline compared with itself passes; with one framework's NMI lowered by 0.02 on
+    every seed (far outside its band) it fails and names metric, baseline, now, delta and band."""
+    base = ROOT / "results" / "regress"
+    if not (base / "runs").exists():
+        pytest.fail("results/regress/runs is not stored (python -m harness.regress --update-baseline)")
+    assert regress.main(["--now", str(base)]) == 0
+    shutil.copytree(base, tmp_path / "now")
+    for path in (tmp_path / "now" / "runs").glob("*-torch.json"):
+        doc = json.loads(path.read_text())
+        doc["metrics"]["nmi"] -= 0.02
+        path.write_text(json.dumps(doc))
+    assert regress.main(["--now", str(tmp_path / "now")]) == 1
+    err = capsys.readouterr().err
+    assert "REGRESSION" in err and "dpsom/dense/torch nmi: baseline" in err and "delta -0.02" in err
+
+
+def test_stored_summary_is_what_the_stored_runs_give(tmp_path):
+    """results/matrix/{runs,agreement,summary}.csv regenerate byte for byte from results/matrix/runs
+    (README's table renders summary.csv; test_readme checks that part)."""
+    stored = ROOT / "results" / "matrix"
+    if not (stored / "runs").exists():
+        pytest.skip("no T5 runs stored yet")
+    shutil.copytree(stored / "runs", tmp_path / "runs")
+    assert t5_table.main(["--runs", str(tmp_path), "--no-figures"]) == 0
+    for name in ("runs.csv", "agreement.csv", "summary.csv"):
+        assert (tmp_path / name).read_bytes() == (stored / name).read_bytes(), f"results/matrix/{name} is stale: nox -s table"
