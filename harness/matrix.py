@@ -16,7 +16,8 @@ Jobs go through joblib: a local process pool by default (``--jobs``), or ``--bac
 the suite, so the workers need it installed and the data reachable via PARITY_DATA_DIR). A finished
 run (its JSON present) is never recomputed; a run interrupted mid-schedule starts again. Each run is
 written atomically: ``<out>/runs/<stem>.json`` (metrics, steps, wall time, config as executed,
-environment, device, per-epoch loss means) and ``<out>/runs/<stem>.npz`` (assignments and labels).
+environment, device, per-epoch loss means) and ``<out>/runs/<stem>.npz`` (assignments and labels,
+and the decoded prototypes where the model has them).
 ``--out`` defaults to runs/matrix; ``--store`` writes into results/matrix (new runs only).
 """
 
@@ -185,6 +186,8 @@ def execute(run: Run, out: Path, threads: int | None = None) -> dict[str, Any]:
            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "curve": _epoch_means(steps)}
     (out / "runs").mkdir(parents=True, exist_ok=True)
     arrays = {"assignments": np.asarray(ev["assignments"], np.int64), "labels": np.asarray(ev["labels"], np.int64)}
+    if ev.get("prototypes") is not None:  # decoded prototypes (a model that has them), for the figures
+        arrays["prototypes"] = np.asarray(ev["prototypes"], np.float16)
     _atomic_write(target.with_suffix(".npz"), lambda p: _savez(p, arrays))
     _atomic_write(target, lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
     return doc

@@ -133,7 +133,7 @@ def _atomic_csv(df: pd.DataFrame, path: Path) -> None:
 def figures(folder: Path, runs: pd.DataFrame, specs: dict) -> list[Path]:
     """Per group: the reported metrics' distributions per framework (every seed a dot, paired seeds
     joined) and the training curves (per epoch, the mean of the loss its phase minimises; one line
-    per run)."""
+    per run); and where the runs stored them, the SOM grid of decoded prototypes (:func:`_prototypes`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -167,13 +167,58 @@ def figures(folder: Path, runs: pd.DataFrame, specs: dict) -> list[Path]:
         ax.set_xlabel("epoch / refit")
         ax.set_yscale("symlog")
         fig.suptitle(" / ".join(str(k) for k in key))
-        fig.tight_layout()
-        path = out_dir / f"{stem}.png"
-        fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=80, metadata={"Software": None})
-        os.replace(path.with_name(path.name + ".tmp.png"), path)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, out_dir / f"{stem}.png"))
+        proto = _prototypes(folder, g)
+        if proto is not None:
+            written.append(_save(proto, out_dir / f"{stem}-prototypes.png"))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=80, metadata={"Software": None})
+    os.replace(path.with_name(path.name + ".tmp.png"), path)
+    plt.close(fig)
+    return path
+
+
+def _prototypes(folder: Path, g: pd.DataFrame):
+    """The SOM grid of decoded prototypes of the lowest seed both frameworks stored them for, each
+    node titled with its majority label (and its share of the node's inputs); None without them."""
+    import matplotlib.pyplot as plt
+
+    from harness.metrics import cluster_to_class
+
+    for seed, s in g.groupby("seed", sort=True):
+        files = dict(zip(s["framework"], s["file"]))
+        arrays = {}
+        for f in ("tf", "torch"):
+            if f in files:
+                with np.load(folder / "runs" / files[f].replace(".json", ".npz")) as z:
+                    if "prototypes" in z:
+                        arrays[f] = {k: z[k] for k in ("prototypes", "assignments", "labels")}
+        if len(arrays) < len(files) or not arrays:
+            continue
+        rows, cols = json.loads((folder / "runs" / next(iter(files.values()))).read_text())["config"]["som_dim"]
+        fig, axes = plt.subplots(rows, cols * len(arrays) + len(arrays) - 1, figsize=(1.1 * (cols * len(arrays) + 1), 1.2 * rows),
+                                 squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for j, (f, a) in enumerate(arrays.items()):
+            k, y = a["assignments"], a["labels"]
+            majority = cluster_to_class(y, k)
+            for node in range(rows * cols):
+                ax = axes[node // cols][j * (cols + 1) + node % cols]
+                ax.imshow(np.asarray(a["prototypes"][node], np.float32).squeeze(-1), cmap="gray_r", vmin=0, vmax=1)
+                hits = y[k == node]
+                share = f" {np.mean(hits == majority[node]):.0%}" if len(hits) else " -"
+                ax.set_title(f"{majority[node] if len(hits) else '·'}{share}", fontsize=7)
+            axes[0][j * (cols + 1)].set_title(f"{'TF reference' if f == 'tf' else 'PyTorch port'}, seed {seed}\n"
+                                              + axes[0][j * (cols + 1)].get_title(), fontsize=7, loc="left")
+        return fig
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -225,3 +225,24 @@ def test_stored_summary_is_what_the_stored_runs_give(tmp_path):
     assert t5_table.main(["--runs", str(tmp_path), "--no-figures"]) == 0
     for name in ("runs.csv", "agreement.csv", "summary.csv"):
         assert (tmp_path / name).read_bytes() == (stored / name).read_bytes(), f"results/matrix/{name} is stale: nox -s table"
+
+
+@pytest.mark.tf
+def test_decoded_prototypes_agree_across_sides():
+    """Both DPSOM sides decode given latent points (the reference through the original's is_training
+    / z_e switch) to the same Bernoulli means: same weights, float32, |diff| < 1e-6 (sigmoid of
+    logits that agree to the T2 floor, ~1e-7 here)."""
+    from harness.spec import get_spec
+
+    spec = get_spec("dpsom")
+    cfg = spec.get_config("tiny-dense")
+    port, ref = spec.make_port(cfg), spec.make_reference(cfg)
+    weights = spec.draw_weights({k: v.shape for k, v in port.get_weights().items()}, np.random.default_rng(3))
+    port.set_weights(weights)
+    ref.set_weights(weights)
+    z = np.random.default_rng(4).normal(size=(9, cfg.latent_dim)).astype(np.float32)
+    a, b = ref.decode(z), port.decode(z)
+    ref.close()
+    assert a.shape == b.shape == (9, 28, 28, 1) and 0 < a.min() and a.max() < 1
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
+    assert np.abs(a - port.decode(z[::-1].copy())).max() > 1e-3  # the decoded points matter

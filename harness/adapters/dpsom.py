@@ -47,6 +47,13 @@ class TorchDPSOM(TorchPortAdapter):
             out = self.trainer.model(*self._inputs(batch))
         return {k: self.numpy(v) for k, v in out.items()}
 
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Bernoulli means (sigmoid of the decoder's logits) of latent points ``z`` [n, D], NHWC."""
+        from ports.dpsom.model import Trace
+
+        with self._torch.no_grad():
+            return self.numpy(self._torch.sigmoid(self.trainer.model.decoder(self.t(z), Trace(None))))
+
     def forward_isolated(self, batch: Batch, teacher: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every named tensor, each computed from the ``teacher``'s (the other side's) inputs."""
         with self._torch.no_grad():
@@ -231,6 +238,14 @@ class TFReferenceDPSOM:
 
     def gradients(self, loss: str, batch: Batch) -> dict[str, np.ndarray]:
         return self.model.gradients(loss, batch["x"], batch["eps"], batch["p"])
+
+    def decode(self, z: np.ndarray) -> np.ndarray:
+        """Bernoulli means of latent points ``z`` [n, D] through the original's own switch: the decoder
+        reads the fed ``z_e`` placeholder when ``is_training`` is False (DPSOM.py's decoding path)."""
+        m, z = self.model, np.asarray(z, self.model.dtype.as_numpy_dtype)
+        feed = {**m._feed(np.zeros((len(z), *self.config.image_shape)), np.zeros_like(z)), m.is_training: False, m.z_fed: z}  # noqa: SLF001
+        logits = m.session.run(m.forward_tensors["decoder.logits"], feed)
+        return 1.0 / (1.0 + np.exp(-logits))
 
     def optimizer_state(self, phase: str | None = None) -> dict[str, Any]:
         return self.model.get_optimizer_state()

@@ -255,7 +255,8 @@ class DPSOMSpec(ModelSpec):
         """The side's own evaluation (BMU of a sampled z for every full batch of the evaluation set) plus
         the two DPSOM-only metrics: the topographic error on the toroidal grid (share of inputs whose
         two nearest nodes are not neighbours: the SOM's own order) and the reconstruction NLL (the
-        ELBO's Bernoulli term, nats per image, averaged over the same batches)."""
+        ELBO's Bernoulli term, nats per image, averaged over the same batches); and where the side can
+        decode (``decode(z)``), the SOM's prototypes decoded (``prototypes`` [K, H, W, C])."""
         ev = side.evaluate_assignments(data, eps)
         ev["metrics"] = {**ev["metrics"], "topographic_error": topographic_error(ev["distances"], cfg.som_dim)}
         B, K = cfg.batch_size, cfg.som_dim[0] * cfg.som_dim[1]
@@ -264,6 +265,8 @@ class DPSOMSpec(ModelSpec):
         for start in range(0, len(x) - B + 1, B):
             nll.append(side.losses({"x": x[start : start + B], "eps": eps((B, cfg.latent_dim)), "p": p})["loss.elbo.nll"])
         ev["metrics"]["reconstruction_nll"] = float(np.mean(nll))
+        if hasattr(side, "decode"):  # optional: the SOM's prototypes as images, for the T5 figure
+            ev["prototypes"] = side.decode(side.get_weights()["som.embeddings"].reshape(K, cfg.latent_dim))
         return ev
 
     # --- config matrix ------------------------------------------------------------------------------
