@@ -697,6 +697,9 @@ def test_fit_checkpoints_resume_and_nan_guard(tmp_path, rng):
         Trainer(bad).fit(data, out_dir=tmp_path / "nan", progress=False)
 
 
-def test_cli_rejects_unknown_keys():
-    with pytest.raises(SystemExit, match=r"bogus.*valid keys.*run-level keys"):
+def test_cli_rejects_unknown_keys(capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["variant=tiny-dense", "bogus=1"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.match(r"error: .*bogus.*valid keys.*run-level keys", err), err

@@ -13,13 +13,14 @@ Randomness (§7) can be injected: the data permutation (``data.get_xy``), each p
 order (``pretrain_orders``) and each refit's k-means candidate centres (``kmeans_inits``); without
 them the port draws its own, unseeded like the original (or from ``rng``).
 
-Entry point: ``python -m ports.dekm.train --variant conv --data-dir DIR [--out FILE] key=value ...``.
+Entry point: ``python -m ports.dekm.train --variant conv --data-dir DIR [--out FILE [--overwrite]] key=value ...``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -245,22 +246,42 @@ def fit(trainer: Trainer, x: np.ndarray, y: np.ndarray, pretrain_orders: Sequenc
     return records
 
 
+# The errors a command line can provoke (bad keys or values, missing data, an existing --out, a
+# data set of the wrong shape): reported on one line, exit status 2 (argparse's own usage errors too).
+USER_ERRORS = (KeyError, ValueError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ports.dekm.train --variant conv --data-dir DIR [--seed S] [--out FILE] key=value ...``."""
+    """``python -m ports.dekm.train --variant conv --data-dir DIR [--seed S] [--out FILE [--overwrite]] key=value ...``.
+
+    An expected error (:data:`USER_ERRORS`) is printed as one ``error: ...`` line on stderr and exits
+    with status 2; ``--out`` naming an existing file is refused before any work unless ``--overwrite``."""
     parser = argparse.ArgumentParser(prog="python -m ports.dekm.train", description=__doc__.split("\n")[0])
     parser.add_argument("--variant", default="conv")
     parser.add_argument("--data-dir", default=None, help="data directory or file (default: $PARITY_DATA_DIR)")
     parser.add_argument("--seed", type=int, default=None, help="seeds torch and the port's numpy draws (default: unseeded)")
     parser.add_argument("--out", default=None, help="write the step records and the result as JSON here")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     parser.add_argument("overrides", nargs="*", help="config key=value")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = get_config(args.variant, **parse_overrides(args.overrides))
+    if args.out and os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} exists (another run's results); pass --overwrite to replace it")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     x, y = get_xy(cfg.ds_name, data_dir=args.data_dir, flatten=not cfg.convolution, rng=rng)
     if tuple(x.shape[1:]) != cfg.input_shape:
-        raise SystemExit(f"{cfg.ds_name} gives samples of shape {x.shape[1:]}, the variant expects {cfg.input_shape}")
+        raise ValueError(f"{cfg.ds_name} gives samples of shape {x.shape[1:]}, the variant expects {cfg.input_shape}")
     start = time.time()
 
     def progress(rec: dict[str, Any]) -> None:
@@ -274,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"stop ({stop['reason']}) after {stop['refits']} refits: acc {stop['acc']}, nmi {stop['nmi']}, {time.time() - start:.0f} s")
     if args.out:
         result = {k: v for k, v in stop.items() if k != "labels"}
-        with open(args.out, "w") as fh:
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as fh:
             json.dump({"config": cfg.to_dict(), "result": result, "steps": records[:-1]}, fh)
+        os.replace(tmp, args.out)
     return 0
 
 

@@ -11,8 +11,13 @@ remainder dropped.
 Not reproduced (RNG consumption and logging only): the original's extra logging ``session.run``s
 (§6.5), each of which draws a fresh ε in TF.
 
-Entry point: ``python -m ports.dpsom.train key=value ...`` (config keys, plus ``variant=``,
-``data_dir=``, ``out_dir=``, ``resume=True``).
+Entry point: ``python -m ports.dpsom.train key=value ...`` (config keys, plus the run-level keys
+``variant=``, ``data_dir=``, ``out_dir=``, ``resume=``, ``overwrite=``, ``results_dir=``, ``progress=``,
+the same as the TF reference's).
+
+Long runs keep work safe: a run does not start over another run's checkpoint unless told to resume
+or overwrite it, a checkpoint is written only when every tensor in it is finite, and a resume reads
+(without executing code) and checks the whole checkpoint before assigning anything.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from dataclasses import dataclass
@@ -31,12 +37,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import DPSOMConfig, get_config, parse_overrides
+from .config import RUN_KEYS, DPSOMConfig, get_config, parse_flag, parse_overrides
 from .losses import elbo_terms, joint_terms, loss_som_init, target_distribution
 from .model import DPSOM
 from .optim import TF1Adam, effective_learning_rate
 
 PHASES = ("vae", "som_init", "joint")
+CHECKPOINT = "checkpoint.pt"  # the one checkpoint of a run, in its out_dir
+CHECKPOINT_KEYS = ("config", "epochs_done", "model", "optimizer", "generator")
+OPTIMIZER_SCALARS = {"optim.global_step": int, "optim.beta1_power": float, "optim.beta2_power": float}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss term became NaN/inf; the message names step, phase, epoch, term and last good checkpoint."""
+
+
+class NonFiniteCheckpointError(FloatingPointError):
+    """A weight or optimizer slot is NaN/inf at a checkpoint: it is not written, the previous one is kept."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (unreadable, another config, missing / mis-shaped /
+    non-finite tensors); raised before anything is assigned."""
 
 
 @dataclass(frozen=True)
@@ -127,13 +149,29 @@ class Trainer:
         return torch.cat(qs).numpy()
 
     # --- checkpoints ---------------------------------------------------------------------------
+    def _optimizer_shapes(self) -> dict[str, tuple[int, ...] | None]:
+        """The optimizer state's keys: None for the plain-number counters, else the slot's shape."""
+        shapes: dict[str, tuple[int, ...] | None] = dict.fromkeys(OPTIMIZER_SCALARS)
+        for n, p in self.optimizer.params.items():
+            shapes[f"{n}/adam_m"] = shapes[f"{n}/adam_v"] = tuple(p.shape)
+        return shapes
+
     def save(self, path: Path, epochs_done: int) -> None:
-        """Atomic: a checkpoint is either the old one or the new one, never half-written."""
+        """Atomic and finite: the file is the old checkpoint or the new one, never half-written, and
+        never holds a NaN/inf tensor (it is what a diverged run is resumed from). Only tensors and plain
+        Python values are stored, so :meth:`load` can read it with ``weights_only=True``."""
+        model = self.model.state_dict()
+        optimizer = {k: (OPTIMIZER_SCALARS[k](v) if k in OPTIMIZER_SCALARS else v) for k, v in self.optimizer.state_dict().items()}
+        bad = _nonfinite({**{f"model.{k}": v for k, v in model.items()}, **{f"optimizer.{k}": v for k, v in optimizer.items()}})
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"{path} not written after {epochs_done} epochs (global step {self.global_step}): non-finite {bad[0]} "
+                f"(all non-finite: {bad}); the previous checkpoint, if any, is kept")
         payload = {
             "config": self.config.to_dict(),
-            "epochs_done": epochs_done,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "epochs_done": int(epochs_done),
+            "model": model,
+            "optimizer": optimizer,
             "generator": self.generator.get_state(),
         }
         tmp = path.with_suffix(".tmp")
@@ -141,14 +179,93 @@ class Trainer:
         os.replace(tmp, path)
 
     def load(self, path: Path) -> int:
-        payload = torch.load(path, weights_only=False)
-        if payload["config"] != self.config.to_dict():
-            diff = {k: (v, self.config.to_dict().get(k)) for k, v in payload["config"].items() if self.config.to_dict().get(k) != v}
-            raise ValueError(f"{path}: checkpoint config differs from this run's (checkpoint, run): {diff}")
+        """All or nothing: the whole file is read with ``weights_only=True`` (loading never executes
+        code) and checked against this trainer (config, every key, shape and finiteness of the model,
+        optimizer and generator state) before anything is assigned, so a bad checkpoint leaves the
+        trainer exactly as it was. Returns the number of epochs the checkpoint completed."""
+        try:
+            payload = torch.load(path, weights_only=True)
+        except FileNotFoundError:
+            raise
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, OSError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CheckpointError(f"{path}: not a readable checkpoint (torch.load weights_only=True: {reason})") from err
+        if not isinstance(payload, dict) or sorted(payload) != sorted(CHECKPOINT_KEYS):
+            found = sorted(payload) if isinstance(payload, dict) else type(payload).__name__
+            raise CheckpointError(f"{path}: not a DPSOM port checkpoint: expected keys {list(CHECKPOINT_KEYS)}, found {found}")
+        run_config = self.config.to_dict()
+        if payload["config"] != run_config:
+            saved = payload["config"] if isinstance(payload["config"], dict) else {}
+            diff = {k: (saved.get(k), v) for k, v in run_config.items() if saved.get(k) != v}
+            raise CheckpointError(f"{path}: checkpoint config differs from this run's (checkpoint, run): {diff}")
+        n_epochs = len(schedule(self.config))
+        done = payload["epochs_done"]
+        if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= n_epochs:
+            raise CheckpointError(f"{path}: epochs_done={done!r}, expected an integer in [0, {n_epochs}]")
+        problems = _check_tensors(payload["model"], {k: tuple(v.shape) for k, v in self.model.state_dict().items()}, "model")
+        problems += _check_tensors(payload["optimizer"], self._optimizer_shapes(), "optimizer")
+        state = payload["generator"]
+        expected = self.generator.get_state()
+        if not isinstance(state, torch.Tensor) or state.dtype != expected.dtype or state.shape != expected.shape:
+            found = (state.dtype, tuple(state.shape)) if isinstance(state, torch.Tensor) else type(state).__name__
+            problems.append(f"generator: expected a {expected.dtype} tensor of shape {tuple(expected.shape)}, found {found}")
+        if problems:
+            raise CheckpointError(f"{path}: does not fit this trainer, nothing loaded: " + "; ".join(problems))
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
-        self.generator.set_state(payload["generator"])
-        return int(payload["epochs_done"])
+        self.generator.set_state(state)
+        return done
+
+
+def _nonfinite(values: dict[str, Any]) -> list[str]:
+    """Names of the floating tensors (one host sync for all) and numbers holding a NaN or inf."""
+    names = [k for k, v in values.items() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    finite = torch.stack([torch.isfinite(values[k]).all().cpu() for k in names]).tolist() if names else []
+    bad = [k for k, ok in zip(names, finite) if not ok]
+    return bad + [k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v)]
+
+
+def _check_tensors(given: Any, shapes: dict[str, tuple[int, ...] | None], where: str) -> list[str]:
+    """What keeps ``given`` from loading into a state with these ``shapes`` (None: a plain number):
+    missing / unexpected keys, wrong shapes or types, non-finite values. Empty: it fits."""
+    if not isinstance(given, dict):
+        return [f"{where}: expected a dict of tensors, found {type(given).__name__}"]
+    problems = []
+    missing, unexpected = sorted(set(shapes) - set(given)), sorted(set(given) - set(shapes))
+    if missing:
+        problems.append(f"{where}: missing {missing}")
+    if unexpected:
+        problems.append(f"{where}: unexpected {unexpected}")
+    for k in [k for k in shapes if k in given]:
+        value, shape = given[k], shapes[k]
+        if shape is None:
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                problems.append(f"{where}.{k}: expected a number, found {type(value).__name__}")
+        elif not isinstance(value, torch.Tensor):
+            problems.append(f"{where}.{k}: expected a tensor of shape {shape}, found {type(value).__name__}")
+        elif tuple(value.shape) != shape:
+            problems.append(f"{where}.{k}: expected shape {shape}, found {tuple(value.shape)}")
+    bad = _nonfinite({k: given[k] for k in shapes if k in given and (shapes[k] is None or isinstance(given[k], torch.Tensor))})
+    if bad:
+        problems.append(f"{where}: non-finite {bad}")
+    return problems
+
+
+def check_out_dir(out_dir: Path | None, resume: bool, overwrite: bool) -> Path | None:
+    """The run's checkpoint path, after refusing what would lose work: ``resume`` without a checkpoint
+    to resume from, and a fresh run (``resume=False``) over another run's checkpoint unless
+    ``overwrite`` (which replaces it at this run's first checkpoint)."""
+    if out_dir is None:
+        if resume:
+            raise ValueError("resume=True needs an out_dir holding the checkpoint to resume from")
+        return None
+    ckpt = Path(out_dir) / CHECKPOINT
+    if resume and not ckpt.exists():
+        raise FileNotFoundError(f"resume=True but there is no checkpoint {ckpt} to resume from")
+    if not resume and ckpt.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} holds another run's checkpoint ({CHECKPOINT}); pass resume=true to "
+                              "continue that run or overwrite=true to replace it")
+    return ckpt
 
 
 def _batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -182,25 +299,31 @@ def run_epoch(trainer: Trainer, epoch: Epoch, x_train: np.ndarray, eps: EpsSourc
 
 def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: bool = False, log_every: int = 1,
         eps: EpsSource | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
-        progress: bool = True) -> list[dict[str, float]]:
+        progress: bool = True, overwrite: bool = False) -> list[dict[str, float]]:
     """Run the whole schedule with progress bars, TensorBoard scalars, a checkpoint per epoch, resume.
 
     A non-finite loss term stops training with the step, phase and term named; the last checkpoint
-    on disk is the last good epoch. ``out_dir=None``: no checkpoints, no TensorBoard (a run kept in
+    on disk is the last good epoch (a checkpoint holding a NaN/inf tensor is never written). A run
+    refuses ``resume=True`` without a checkpoint, and a fresh run over another run's checkpoint unless
+    ``overwrite`` (:func:`check_out_dir`). ``out_dir=None``: no checkpoints, no TensorBoard (a run kept in
     memory). ``eps`` / ``on_step``: the hooks above; the record ``on_step`` receives holds ``phase``
     (name), ``epoch`` (index in the schedule), ``global_step`` (after the step), ``lr_feed``, ``lr``
     (effective), ``p`` and ``p_step`` (:func:`run_epoch`) and every loss term of the phase.
     """
     cfg = trainer.config
-    ckpt = None
+    plan = schedule(cfg)
+    bs = cfg.batch_size
+    if len(x_train) < bs:
+        raise ValueError(f"batch_size={bs} is larger than the {len(x_train)} training examples: not one full batch "
+                         "(the remainder is dropped), so nothing would train")
+    out_dir = None if out_dir is None else Path(out_dir)
+    ckpt = check_out_dir(out_dir, resume, overwrite)
     if out_dir is not None:
         from torch.utils.tensorboard import SummaryWriter
 
         out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt = out_dir / "checkpoint.pt"
-    start = trainer.load(ckpt) if resume and ckpt is not None and ckpt.exists() else 0
-    plan = schedule(cfg)
-    bs = cfg.batch_size
+    start = trainer.load(ckpt) if resume else 0
+    last_good = ckpt if resume else None  # this run's: an overwritten run's checkpoint is not its own
     writer = SummaryWriter(str(out_dir / "tensorboard")) if out_dir is not None else None
     history: list[dict[str, float]] = []
     try:
@@ -210,10 +333,10 @@ def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: boo
             for record, used in bar:
                 bad = [k for k, v in record.items() if not math.isfinite(v)]
                 if bad:
-                    raise FloatingPointError(
+                    raise NonFiniteLossError(
                         f"non-finite {bad[0]}={record[bad[0]]} at global step {record['global_step'] - 1} "
                         f"(phase {epoch.phase}, epoch {epoch.index}); last good checkpoint: "
-                        f"{ckpt if ckpt is not None and ckpt.exists() else 'none yet'}"
+                        f"{last_good if last_good is not None else 'none yet'}"
                     )
                 if on_step is not None:
                     on_step({"phase": epoch.phase, "epoch": epoch.index, "lr_feed": float(epoch.lr_feed), **record, **used})
@@ -224,6 +347,7 @@ def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: boo
                         writer.add_scalar(f"{epoch.phase}/{k}", v, record["global_step"])
             if ckpt is not None:
                 trainer.save(ckpt, epoch.index + 1)
+                last_good = ckpt
     finally:
         if writer is not None:
             writer.close()
@@ -280,33 +404,55 @@ def environment(device: str) -> dict[str, Any]:
     return info
 
 
+# The errors a command line can provoke (bad keys or values, missing data or checkpoint, a run
+# directory in use, a diverged run): reported on one line, like the reference's CLI.
+USER_ERRORS = (KeyError, ValueError, OSError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """``python -m ports.dpsom.train [variant=dense] [data_dir=...] [out_dir=...] [resume=True] key=value ...``
+    """``python -m ports.dpsom.train [variant=dense] [data_dir=...] [out_dir=...] [resume=false]
+    [overwrite=false] [results_dir=results/runs] [progress=true] key=value ...`` (any DPSOMConfig field as key).
 
     ``data_dir``: a directory with MNIST / Fashion-MNIST or a Keras ``.npz`` (default
-    ``$PARITY_DATA_DIR``; see :mod:`ports.dpsom.data`).
+    ``$PARITY_DATA_DIR``; see :mod:`ports.dpsom.data`). An expected error (:data:`USER_ERRORS`) is
+    printed as one ``error: ...`` line on stderr and exits with status 2.
     """
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(argv: list[str]) -> dict[str, Any]:
     from .data import load_dpsom_data
     from .evaluate import evaluate
 
-    args = parse_overrides(sys.argv[1:] if argv is None else argv)
-    variant = args.pop("variant", "dense")
-    data_dir = args.pop("data_dir", None)
-    out_dir = Path(args.pop("out_dir", f"runs/ports-dpsom-{variant}"))
-    resume = args.pop("resume", "False").lower() in ("1", "true", "yes")
-    cfg = get_config(variant, **args)
+    args = parse_overrides(argv)
+    run = {k: args.pop(k) for k in RUN_KEYS if k in args}
+    variant = run.get("variant", "dense")
+    resume = parse_flag("resume", run.get("resume", "false"))
+    overwrite = parse_flag("overwrite", run.get("overwrite", "false"))
+    progress = parse_flag("progress", run.get("progress", "true"))
+    try:
+        cfg = get_config(variant, **args)
+    except KeyError as err:
+        raise KeyError(f"{err.args[0]}; run-level keys: {list(RUN_KEYS)}") from None
+    out_dir = Path(run.get("out_dir", f"runs/ports-dpsom-{variant}"))
+    check_out_dir(out_dir, resume, overwrite)  # before the data and the model: fail in seconds, not after loading
     flags = seed_everything(cfg.random_seed)
-    data = load_dpsom_data(cfg.data_set, data_dir, cfg.validation)
+    data = load_dpsom_data(cfg.data_set, run.get("data_dir"), cfg.validation)
     trainer = Trainer(cfg)
     t0 = time.perf_counter()
-    fit(trainer, data.x_train, out_dir, resume=resume)
+    fit(trainer, data.x_train, out_dir, resume=resume, progress=progress, overwrite=overwrite)
     metrics = evaluate(trainer.model, data.x_eval, data.y_eval, cfg)
     result = {
         "side": "ports.dpsom", "variant": variant, "metrics": metrics, "config": cfg.to_dict(),
         "determinism": flags, "environment": environment(str(next(trainer.model.parameters()).device)),
         "data_source": data.source, "train_seconds": time.perf_counter() - t0,
     }
-    results = Path("results") / "runs"
+    results = Path(run.get("results_dir", "results/runs"))
     results.mkdir(parents=True, exist_ok=True)
     target = results / f"dpsom-{variant}-{cfg.data_set}-torch-seed{cfg.random_seed}.json"
     tmp = target.with_suffix(".tmp")

@@ -7,14 +7,16 @@ refuses the port's declared deviations (``DEKMConfig.deviations()``).
 
 from ports.dekm.config import (  # noqa: F401  (re-exports)
     DEVIATIONS,
+    FLAG_VALUES,
     KERAS_ADAM_EPSILON,
     KERAS_UNIFORM_LIMIT,
     VARIANTS,
     DEKMConfig,
     get_config,
+    parse_flag,
     parse_overrides,
     replace,
 )
 
-__all__ = ["DEVIATIONS", "KERAS_ADAM_EPSILON", "KERAS_UNIFORM_LIMIT", "VARIANTS", "DEKMConfig", "get_config",
-           "parse_overrides", "replace"]
+__all__ = ["DEVIATIONS", "FLAG_VALUES", "KERAS_ADAM_EPSILON", "KERAS_UNIFORM_LIMIT", "VARIANTS", "DEKMConfig",
+           "get_config", "parse_flag", "parse_overrides", "replace"]

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from reference_tf import require_tensorflow
-from reference_tf.dekm.config import DEKMConfig, get_config, parse_overrides
+from reference_tf.dekm.config import DEKMConfig, get_config, parse_flag, parse_overrides
 from reference_tf.dekm.evaluate import get_acc_nmi
 from reference_tf.dekm.losses import cluster_loss, cluster_loss_vector, make_fit_loss, recon_loss
 from reference_tf.dekm.model import DEKM, refuse_deviations
@@ -338,14 +338,45 @@ def fit(trainer: Trainer, x, y, pretrain_orders=None, kmeans_inits: Callable | N
 # ---------------------------------------------------------------------------------------------
 # python -m reference_tf.dekm.train
 # ---------------------------------------------------------------------------------------------
+RUN_KEYS = ("data_dir", "out_dir", "n", "overwrite")
+FINAL_WEIGHTS = "weight_final_l2_{ds}.h5"  # the original's file name, in out_dir
+# The errors a command line can provoke (bad keys or values, missing data, an out_dir in use, a
+# diverged model): reported on one line, exit status 2.
+USER_ERRORS = (KeyError, ValueError, OSError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m reference_tf.dekm.train [variant] [key=value ...] [data_dir=...] [out_dir=...]
-    [n=...]``: the native run of the original on MNIST (or ``synthetic`` for a data-free smoke run)."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    [overwrite=false] [n=...]``: the native run of the original on MNIST (or ``synthetic`` for a
+    data-free smoke run). An expected error (:data:`USER_ERRORS`) is printed as one ``error: ...`` line
+    on stderr and exits with status 2."""
+    try:
+        return _run(list(sys.argv[1:] if argv is None else argv))
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def check_out_dir(out_dir: str, ds_name: str, overwrite: bool) -> None:
+    """Refuse, before any work, an ``out_dir`` holding another run's final weights or summary unless
+    ``overwrite``: the run's end would silently replace them."""
+    taken = [f for f in (FINAL_WEIGHTS.format(ds=ds_name), "summary.json") if os.path.exists(os.path.join(out_dir, f))]
+    if taken and not overwrite:
+        raise FileExistsError(f"{out_dir} holds another run's results ({', '.join(taken)}); pass overwrite=true to replace them")
+
+
+def _run(args: list[str]) -> int:
     variant = args.pop(0) if args and "=" not in args[0] else "conv"
     overrides = parse_overrides(args)
-    run = {k: overrides.pop(k) for k in ("data_dir", "out_dir", "n") if k in overrides}
-    cfg = get_config(variant, **overrides)
+    run = {k: overrides.pop(k) for k in RUN_KEYS if k in overrides}
+    overwrite = parse_flag("overwrite", run.get("overwrite", "false"))
+    try:
+        cfg = get_config(variant, **overrides)
+    except KeyError as err:
+        raise KeyError(f"{err.args[0]}; run-level keys: {list(RUN_KEYS)}") from None
+    if "out_dir" in run:
+        check_out_dir(run["out_dir"], cfg.ds_name, overwrite)
     from reference_tf.dekm.data import get_xy
 
     if cfg.ds_name.lower() == "synthetic":
@@ -364,8 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: stop[k] for k in ("reason", "acc", "nmi", "refits")}
     summary.update(steps=len(records) - 1, seconds=round(time.time() - t0, 1), config=cfg.to_dict())
     if "out_dir" in run:
+        bad = [k for k, v in trainer.model.variables().items() if not np.isfinite(v.numpy()).all()]
+        if bad:
+            raise FloatingPointError(f"final weights not written to {run['out_dir']}: non-finite {bad[0]} (all non-finite: {bad})")
         os.makedirs(run["out_dir"], exist_ok=True)
-        trainer.model.save_checkpoint(os.path.join(run["out_dir"], f"weight_final_l2_{cfg.ds_name}.h5"))
+        trainer.model.save_checkpoint(os.path.join(run["out_dir"], FINAL_WEIGHTS.format(ds=cfg.ds_name)))
         with open(os.path.join(run["out_dir"], "summary.json"), "w") as f:
             json.dump(summary, f, indent=1, sort_keys=True)
     print(json.dumps({k: summary[k] for k in ("reason", "acc", "nmi", "refits", "steps", "seconds")}))

@@ -12,21 +12,24 @@ from ports.dpsom.config import (  # noqa: F401  (re-exports)
     ADAM_EPSILON,
     BN_MODES,
     EMBEDDING_INIT_STDDEV,
+    FLAG_VALUES,
     KERAS_BN_EPSILON,
     KERAS_BN_MOMENTUM,
     LEAKY_RELU_SLOPE,
     Q_EPSILON,
+    RUN_KEYS,
     SOM_INDEXES,
     TRIL_DIAG_SHIFT,
     VARIANTS,
     DPSOMConfig,
     get_config,
+    parse_flag,
     parse_overrides,
     replace,
 )
 
 __all__ = [
-    "ADAM_BETA1", "ADAM_BETA2", "ADAM_EPSILON", "BN_MODES", "EMBEDDING_INIT_STDDEV",
-    "KERAS_BN_EPSILON", "KERAS_BN_MOMENTUM", "LEAKY_RELU_SLOPE", "Q_EPSILON", "SOM_INDEXES", "TRIL_DIAG_SHIFT",
-    "VARIANTS", "DPSOMConfig", "get_config", "parse_overrides", "replace",
+    "ADAM_BETA1", "ADAM_BETA2", "ADAM_EPSILON", "BN_MODES", "EMBEDDING_INIT_STDDEV", "FLAG_VALUES",
+    "KERAS_BN_EPSILON", "KERAS_BN_MOMENTUM", "LEAKY_RELU_SLOPE", "Q_EPSILON", "RUN_KEYS", "SOM_INDEXES", "TRIL_DIAG_SHIFT",
+    "VARIANTS", "DPSOMConfig", "get_config", "parse_flag", "parse_overrides", "replace",
 ]

@@ -349,6 +349,7 @@ class DPSOM:
         self._saver = tf.compat.v1.train.Saver(var_list=dict(self._vars), max_to_keep=None)
         self._init_op = tf.compat.v1.global_variables_initializer()
         self._grad_cache: dict = {}
+        self._finite_ops: dict | None = None  # built on first use by nonfinite_variables()
 
     def _index_variables(self) -> None:
         cfg = self.config
@@ -509,8 +510,9 @@ class DPSOM:
     def restore(self, path: str) -> None:
         """Restore a checkpoint written by :meth:`save` or by the original ``DPSOM.py``.
 
-        Strict: every graph variable must be in the checkpoint and vice versa. Slots saved as
-        ``<var>/Adam`` (without the ``optimize/`` scope) are accepted as well.
+        Strict: every graph variable must be in the checkpoint and vice versa, with its shape, all
+        checked before anything is assigned. Slots saved as ``<var>/Adam`` (without the ``optimize/``
+        scope) are accepted as well.
         """
         in_ckpt = dict(tf.train.list_variables(path))
         var_list, missing = {}, []
@@ -526,9 +528,25 @@ class DPSOM:
         unexpected = sorted(set(in_ckpt) - set(var_list))
         if missing or unexpected:
             raise ValueError(f"checkpoint {path}: nothing restored; missing {sorted(missing)}; unexpected {unexpected}")
+        # Every shape before any assign: the Saver's grouped assigns could otherwise leave the variables
+        # before a mis-shaped one restored and the rest not.
+        misshaped = [f"{found}: expected shape {tuple(var.shape.as_list())}, found {tuple(in_ckpt[found])}"
+                     for found, var in var_list.items() if tuple(in_ckpt[found]) != tuple(var.shape.as_list())]
+        if misshaped:
+            raise ValueError(f"checkpoint {path}: nothing restored; wrong shape: {'; '.join(misshaped)}")
         with self.graph.as_default():
             saver = self._saver if all(k == v.op.name for k, v in var_list.items()) else tf.compat.v1.train.Saver(var_list)
             saver.restore(self.session, path)
+
+    def nonfinite_variables(self) -> list[str]:
+        """Names of the float variables holding a NaN or inf, from one ``session.run`` of in-graph checks
+        (nothing copied out of the session): a checkpoint must never store such a state."""
+        if self._finite_ops is None:
+            with self.graph.as_default(), tf.compat.v1.name_scope("finite"):
+                self._finite_ops = {n: tf.reduce_all(tf.math.is_finite(v)) for n, v in self._vars.items()
+                                    if v.dtype.base_dtype.is_floating}
+        finite = self.session.run(self._finite_ops)
+        return sorted(n for n, ok in finite.items() if not ok)
 
     def restore_weights(self, path: str) -> None:
         """Restore only the weights (the table's variables, BN moving statistics included) from a

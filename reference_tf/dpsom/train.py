@@ -27,14 +27,20 @@ Deviations (logging only, no effect on the update rule):
 * Resume restarts every native random stream (a new ``Session``), and the batch generator at the
   start of a pass, which is where every epoch starts; a resumed run is therefore no longer on the
   original's ε stream.
+
+Long runs keep work safe (the port's rules too): a run does not start over another run's
+checkpoints unless told to resume or overwrite them, a checkpoint is written only when every variable
+is finite, a resume checks the whole checkpoint (names, shapes, finiteness) before restoring anything,
+``state.json`` names its checkpoint relative to ``out_dir`` (a moved run directory still resumes), and
+pruning never deletes the run's own newest checkpoints.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -45,7 +51,7 @@ from collections.abc import Callable
 import numpy as np
 
 from reference_tf import require_tensorflow
-from reference_tf.dpsom.config import DPSOMConfig, get_config, parse_overrides
+from reference_tf.dpsom.config import RUN_KEYS, DPSOMConfig, get_config, parse_flag, parse_overrides
 from reference_tf.dpsom.losses import target_distribution
 from reference_tf.dpsom.model import LOSS_KEYS, DPSOM
 from reference_tf.dpsom.optim import PHASE_LOSS, PHASES
@@ -58,11 +64,21 @@ PHASE_TERMS = {
     "som_init": ("loss.som_init.commit", "loss.som_init.som", "loss.som_init"),
     "joint": ("loss.elbo.nll", "loss.elbo.kl", "loss.elbo", "loss.kl_pq", "loss.som", "loss.total"),
 }
-RUN_KEYS = ("variant", "data_dir", "out_dir", "resume", "results_dir", "progress")
+STATE = "state.json"  # in out_dir: epochs done, the checkpoint (relative to out_dir), config
+CHECKPOINT_NAME = re.compile(r"epoch-(\d+)\.(index|meta|data-\d+-of-\d+)")  # the files of one Saver checkpoint
 
 
 class NonFiniteLossError(FloatingPointError):
     """A loss term became NaN/inf; the message names step, phase, epoch, term and last checkpoint."""
+
+
+class NonFiniteCheckpointError(FloatingPointError):
+    """A variable is NaN/inf at a checkpoint: it is not written, the previous one is kept."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (unreadable state or checkpoint, another config,
+    missing / mis-shaped / non-finite variables); raised before anything is restored."""
 
 
 @dataclass(frozen=True)
@@ -154,12 +170,15 @@ class Trainer:
     def fit(self, data, out_dir=None, resume: bool = False, progress: bool = True, log_every: int = 100,
             keep_checkpoints: int = 3, evaluate_at_end: bool = True, stop_after: int | None = None,
             replay_rng: bool = True, eps: Callable[[tuple[int, ...]], np.ndarray] | None = None,
-            on_step: Callable[[dict], None] | None = None) -> dict:
+            on_step: Callable[[dict], None] | None = None, overwrite: bool = False) -> dict:
         """Run the whole schedule on ``data`` (:class:`reference_tf.dpsom.data.DPSOMData`-like: ``x_train``,
         ``x_eval``, ``y_eval``); returns ``{"metrics": ..., "global_step": ..., "epochs": ...}``.
 
-        ``out_dir`` receives ``checkpoints/epoch-NNNN*`` (original variable names), ``state.json``
-        and ``tensorboard/``; ``resume=True`` continues after the last completed epoch.
+        ``out_dir`` receives ``checkpoints/epoch-NNNN*`` (original variable names; the newest
+        ``keep_checkpoints`` kept), ``state.json`` and ``tensorboard/``; ``resume=True`` continues after
+        the last completed epoch. A fresh run in an ``out_dir`` holding another run's checkpoints is
+        refused unless ``overwrite`` (:func:`check_out_dir`); a checkpoint holding a NaN/inf variable is
+        never written (NonFiniteCheckpointError, the previous one kept).
         ``stop_after=N`` stops once N epochs of the schedule are complete (a chunked run; resume
         later), without the final evaluation. ``replay_rng`` advances the native ε stream by the
         draws of the original's logging runs (module docstring); it needs ``data.x_val``.
@@ -180,21 +199,16 @@ class Trainer:
         B = cfg.batch_size
         steps = len(data.x_train) // B
         if steps == 0:
-            raise ValueError(f"no full batch: {len(data.x_train)} training images < batch_size {B}")
+            raise ValueError(f"batch_size={B} is larger than the {len(data.x_train)} training examples: not one full batch "
+                             "(the remainder is dropped), so nothing would train")
         plan = schedule(cfg)
         out = Path(out_dir) if out_dir is not None else None
-        done, last_ckpt = 0, None
+        state_path = check_out_dir(out, resume, overwrite)
+        done, last_ckpt = 0, None  # last_ckpt: this run's newest (an overwritten run's are not its own)
         if out is not None:
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        state_path = out / "state.json" if out is not None else None
         if resume:
-            if state_path is None or not state_path.exists():
-                raise FileNotFoundError(f"resume=True but no {state_path} to resume from")
-            state = json.loads(state_path.read_text())
-            if state["config"] != json.loads(cfg.to_json()):
-                raise ValueError(f"{state_path}: the checkpointed run used a different config")
-            m.restore(state["checkpoint"])
-            done, last_ckpt = int(state["epochs_done"]), state["checkpoint"]
+            done, last_ckpt = self._resume(out, len(plan))
 
         writer = None
         if out is not None:
@@ -240,13 +254,18 @@ class Trainer:
                     bar.set_postfix(phase=epoch.phase, loss=f"{record[PHASE_LOSS[epoch.phase]]:.4g}", refresh=False)
                     bar.update(1)
                 if out is not None:
+                    bad = m.nonfinite_variables()
+                    if bad:
+                        raise NonFiniteCheckpointError(
+                            f"checkpoint epoch-{epoch.index + 1:04d} not written (global step {self.global_step}): "
+                            f"non-finite {bad[0]} (all non-finite: {bad}); last good checkpoint, kept: {last_ckpt}")
                     last_ckpt = m.save(str(out / "checkpoints" / f"epoch-{epoch.index + 1:04d}"))
-                    state = {"epochs_done": epoch.index + 1, "checkpoint": last_ckpt,
+                    state = {"epochs_done": epoch.index + 1, "checkpoint": Path(os.path.relpath(last_ckpt, out)).as_posix(),
                              "global_step": self.global_step, "config": json.loads(cfg.to_json())}
                     tmp = state_path.with_suffix(".json.tmp")
                     tmp.write_text(json.dumps(state, indent=1))
                     os.replace(tmp, state_path)
-                    _prune(out / "checkpoints", keep_checkpoints)
+                    _prune(out / "checkpoints", keep_checkpoints, epoch.index + 1)
         finally:
             bar.close()
             if writer is not None:
@@ -259,12 +278,93 @@ class Trainer:
         return result
 
 
-def _prune(directory: Path, keep: int) -> None:
-    names = {os.path.basename(f).split(".")[0] for f in glob.glob(str(directory / "epoch-*.*"))}
-    prefixes = [str(directory / name) for name in sorted(names)]
-    for prefix in prefixes[:-keep] if keep > 0 else []:
-        for f in glob.glob(prefix + ".*"):
-            os.remove(f)
+    def _resume(self, out: Path, n_epochs: int) -> tuple[int, str]:
+        """Read ``state.json`` and restore its checkpoint, all or nothing: the state, the config and
+        every variable of the checkpoint (name, shape, finiteness) are checked before anything is
+        restored. Returns (epochs done, checkpoint prefix)."""
+        state_path = out / STATE
+        try:
+            state = json.loads(state_path.read_text())
+            done, stored = state["epochs_done"], state["checkpoint"]
+            saved_config = state["config"]
+        except (ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{state_path}: not a run state ({type(err).__name__}: {err})") from err
+        if saved_config != json.loads(self.config.to_json()):
+            raise CheckpointError(f"{state_path}: the checkpointed run used a different config")
+        if not isinstance(done, int) or isinstance(done, bool) or not 0 <= done <= n_epochs:
+            raise CheckpointError(f"{state_path}: epochs_done={done!r}, expected an integer in [0, {n_epochs}]")
+        prefix = checkpoint_path(out, stored)
+        check_checkpoint_finite(prefix)
+        try:
+            self.model.restore(prefix)  # names and shapes checked before the Saver assigns anything
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+        return done, prefix
+
+
+def checkpoint_path(out: Path, stored: str) -> str:
+    """The checkpoint prefix ``state.json`` names: relative to ``out`` (as written since relative paths
+    were introduced, so a moved run directory resumes); an absolute or cwd-relative path written
+    before that is used as it is when it is not found under ``out``."""
+    path = Path(stored)
+    if path.is_absolute():
+        return str(path)
+    inside = out / path
+    return str(inside) if Path(f"{inside}.index").exists() or not Path(f"{path}.index").exists() else str(path)
+
+
+def check_checkpoint_finite(prefix: str) -> None:
+    """Read every tensor of the checkpoint (one at a time) and refuse a NaN/inf one, or an unreadable
+    or truncated file, before a resume restores anything."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        bad = []
+        for name in sorted(reader.get_variable_to_shape_map()):
+            value = np.asarray(reader.get_tensor(name))
+            if value.dtype.kind in "fc" and not np.isfinite(value).all():
+                bad.append(name)
+    except Exception as err:  # noqa: BLE001 -- whatever the reader raises (OpError, IndexError, ...), it cannot be resumed from
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {prefix}: not readable, nothing restored ({reason})") from err
+    if bad:
+        raise CheckpointError(f"checkpoint {prefix}: non-finite {bad}, nothing restored")
+
+
+def check_out_dir(out: Path | None, resume: bool, overwrite: bool) -> Path | None:
+    """The run's ``state.json`` path, after refusing what would lose work: ``resume`` without a state to
+    resume from, and a fresh run (``resume=False``) over another run's checkpoints unless
+    ``overwrite`` (its first checkpoint then replaces the state, and pruning removes the old files)."""
+    if out is None:
+        if resume:
+            raise ValueError("resume=True needs an out_dir holding the run to resume from")
+        return None
+    state_path = out / STATE
+    if resume and not state_path.exists():
+        raise FileNotFoundError(f"resume=True but there is no {state_path} to resume from")
+    ckpts = out / "checkpoints"
+    in_use = state_path.exists() or (ckpts.is_dir() and any(CHECKPOINT_NAME.fullmatch(f.name) for f in ckpts.iterdir()))
+    if not resume and in_use and not overwrite:
+        raise FileExistsError(f"{out} holds another run's checkpoints ({STATE}, checkpoints/); pass resume=true to "
+                              "continue that run or overwrite=true to replace it")
+    return state_path
+
+
+def _prune(directory: Path, keep: int, current: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints (``keep <= 0``: keep all) of the run now at epoch
+    ``current``. Only Saver files ``epoch-<n>.<suffix>`` count, ordered by the NUMBER n (names misorder
+    past epoch-9999); the newest ones kept are those at or before ``current``, so this run's own
+    newest always stay, and any numbered after ``current`` (left by a run this one overwrote) go."""
+    files: dict[int, list[Path]] = {}
+    for f in directory.iterdir():
+        match = CHECKPOINT_NAME.fullmatch(f.name)
+        if match:
+            files.setdefault(int(match.group(1)), []).append(f)
+    own = sorted(n for n in files if n <= current)
+    kept = set(own[-keep:] if keep > 0 else own)
+    for n, paths in files.items():
+        if n not in kept:
+            for f in paths:
+                f.unlink()
 
 
 def environment() -> dict[str, Any]:
@@ -286,29 +386,44 @@ def environment() -> dict[str, Any]:
     return info
 
 
+# The errors a command line can provoke (bad keys or values, missing data or state, a run directory
+# in use, an unusable checkpoint, a diverged run): reported on one line, exit status 2.
+USER_ERRORS = (KeyError, ValueError, OSError, FloatingPointError)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """``python -m reference_tf.dpsom.train [variant=dense] [data_dir=..] [out_dir=..] [resume=True]
-    [results_dir=results/runs] [key=value ...]`` with any DPSOMConfig field as ``key``."""
-    args = parse_overrides(sys.argv[1:] if argv is None else list(argv))
+    """``python -m reference_tf.dpsom.train [variant=dense] [data_dir=..] [out_dir=..] [resume=false]
+    [overwrite=false] [results_dir=results/runs] [progress=true] [key=value ...]`` with any DPSOMConfig
+    field as ``key``. An expected error (:data:`USER_ERRORS`) is printed as one ``error: ...`` line on
+    stderr and exits with status 2."""
+    try:
+        return _run(sys.argv[1:] if argv is None else list(argv))
+    except USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run(argv: list[str]) -> dict:
+    args = parse_overrides(argv)
     run = {k: args.pop(k) for k in RUN_KEYS if k in args}
     variant = run.get("variant", "dense")
+    resume = parse_flag("resume", run.get("resume", "false"))
+    overwrite = parse_flag("overwrite", run.get("overwrite", "false"))
+    progress = parse_flag("progress", run.get("progress", "true"))
     try:
         config = get_config(variant, **args)
     except KeyError as err:
-        raise SystemExit(f"error: {err.args[0]}; run-level keys: {list(RUN_KEYS)}") from None
-    except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
-    truthy = ("1", "true", "yes")
-    resume = str(run.get("resume", "false")).lower() in truthy
-    progress = str(run.get("progress", "true")).lower() in truthy
+        raise KeyError(f"{err.args[0]}; run-level keys: {list(RUN_KEYS)}") from None
     out_dir = Path(run.get("out_dir", f"runs/dpsom-reference_tf-{variant}-seed{config.random_seed}"))
+    check_out_dir(out_dir, resume, overwrite)  # before the data and the graph: fail in seconds
 
     from reference_tf.dpsom.data import load_dpsom_data
 
     data = load_dpsom_data(config.data_set, run.get("data_dir"), config.validation)
     start = time.time()
     trainer = Trainer(config)
-    result = trainer.fit(data, out_dir=out_dir, resume=resume, progress=progress)
+    result = trainer.fit(data, out_dir=out_dir, resume=resume, progress=progress, overwrite=overwrite)
     record = {
         "model": "dpsom", "side": "reference_tf", "variant": variant, "data_set": config.data_set,
         "eval_set": getattr(data, "eval_set", None), "metrics": result["metrics"],
