@@ -246,3 +246,21 @@ def test_decoded_prototypes_agree_across_sides():
     assert a.shape == b.shape == (9, 28, 28, 1) and 0 < a.min() and a.max() < 1
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=0)
     assert np.abs(a - port.decode(z[::-1].copy())).max() > 1e-3  # the decoded points matter
+
+
+@pytest.mark.tf
+def test_dekm_runs_through_the_matrix(tmp_path):
+    """DEKM tiny-dense on the first 52 images (a partial last batch: 52 is no multiple of 5, which the
+    original's pointer needs): both frameworks from the same weights, orders and k-means++ seeds run
+    the same number of steps to the same refit labels; the reported metrics are the last refit's."""
+    path = _write(tmp_path, TINY.replace('model = "dpsom"', 'model = "dekm"').replace("limit = 50", "limit = 52")
+                  .replace("seeds = [0, 1]", "seeds = [0]"))
+    docs = {d["framework"]: d for d in matrix.run_matrix(list(matrix.load_matrix(path).runs), tmp_path, jobs=1, progress=False)}
+    tf, torch = docs["tf"], docs["torch"]
+    assert tf["steps"] == torch["steps"] > 0 and tf["n_evaluated"] == 52 and tf["end"] == torch["end"]
+    for d in docs.values():  # the original's square table ignores classes beyond the clusters found: it can only under-count
+        assert d["metrics"]["acc_original"] <= d["metrics"]["acc"] + 1e-5 and "nmi_arithmetic" in d["metrics"]
+    assert tf["metrics"] == torch["metrics"]
+    with np.load(tmp_path / "runs" / "dekm-tiny-dense-MNIST-n52-original-seed0-tf.npz") as a, \
+            np.load(tmp_path / "runs" / "dekm-tiny-dense-MNIST-n52-original-seed0-torch.npz") as b:
+        np.testing.assert_array_equal(a["assignments"], b["assignments"])
