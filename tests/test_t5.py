@@ -18,7 +18,7 @@ from harness.models.dpsom import topographic_error
 ROOT = Path(__file__).resolve().parent.parent
 TINY = """
 [defaults]
-dataset = "MNIST"
+dataset = "digits"
 schedule = "original"
 frameworks = ["tf", "torch"]
 seeds = [0, 1]
@@ -43,7 +43,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 # --- the matrix file --------------------------------------------------------------------------------
 def test_matrix_file_expands_every_run(tmp_path):
     m = matrix.load_matrix(_write(tmp_path, TINY))
-    assert [r.stem for r in m.runs] == [f"dpsom-tiny-dense-MNIST-n50-original-seed{s}-{f}" for s in (0, 1) for f in ("tf", "torch")]
+    assert [r.stem for r in m.runs] == [f"dpsom-tiny-dense-digits-n50-original-seed{s}-{f}" for s in (0, 1) for f in ("tf", "torch")]
     assert m.alpha == 0.05 and m.margins == {"nmi": 0.01, "purity": 0.01}
 
 
@@ -91,17 +91,18 @@ def tiny_runs(tmp_path_factory):
 
 @pytest.mark.tf
 def test_tiny_runs_agree_across_frameworks(tiny_runs):
-    """tiny-dense on 50 images: 60 steps, and the port's own loop lands on the reference's BMUs for
-    all 10 000 evaluated images (2 000 batches of 5) at both seeds (float32 drift over 60 steps moves no argmin here)."""
+    """tiny-dense on 50 images of the embedded digits (offline, small: 299 test images): 60 steps, and
+    the port's own loop lands on the reference's BMUs for all 295 evaluated images (59 batches of 5)
+    at both seeds (float32 drift over 60 steps moves no argmin here)."""
     out, runs, docs = tiny_runs
     assert len(docs) == 4
     by = {(d["seed"], d["framework"]): d for d in docs}
     for seed in (0, 1):
         tf, torch = by[seed, "tf"], by[seed, "torch"]
         assert tf["steps"] == torch["steps"] == 60 and tf["noise_rows"] == torch["noise_rows"]
-        with np.load(out / "runs" / f"dpsom-tiny-dense-MNIST-n50-original-seed{seed}-tf.npz") as a, \
-                np.load(out / "runs" / f"dpsom-tiny-dense-MNIST-n50-original-seed{seed}-torch.npz") as b:
-            assert len(a["assignments"]) == 10_000 == tf["n_evaluated"]
+        with np.load(out / "runs" / f"dpsom-tiny-dense-digits-n50-original-seed{seed}-tf.npz") as a, \
+                np.load(out / "runs" / f"dpsom-tiny-dense-digits-n50-original-seed{seed}-torch.npz") as b:
+            assert len(a["assignments"]) == 295 == tf["n_evaluated"]
             np.testing.assert_array_equal(a["assignments"], b["assignments"])
             np.testing.assert_array_equal(a["labels"], b["labels"])
         for k in ("nmi", "purity", "acc", "topographic_error"):
@@ -131,11 +132,11 @@ def test_tables_and_readme_from_runs(tiny_runs, tmp_path):
     nmi = summary[summary["metric"] == "nmi"].iloc[0]
     assert nmi["verdict"] == "equivalent" and nmi["diff"] == 0 and nmi["ari_mean"] == 1.0 and nmi["identical_seeds"] == 2
     assert np.isnan(summary[summary["metric"] == "ami"].iloc[0]["margin"])  # no margin declared: no verdict
-    assert (folder / "matrix" / "figures" / "dpsom-tiny-dense-MNIST-n50-original.png").stat().st_size > 10_000
+    assert (folder / "matrix" / "figures" / "dpsom-tiny-dense-digits-n50-original.png").stat().st_size > 10_000
     from harness.readme import _metrics
 
     table = _metrics(folder)
-    assert "| dpsom / tiny-dense | MNIST (first 50) | original | nmi |" in table and "**equivalent**" in table
+    assert "| dpsom / tiny-dense | digits (first 50) | original | nmi |" in table and "**equivalent**" in table
 
 
 def test_run_schema_is_checked(tmp_path):
@@ -250,7 +251,7 @@ def test_decoded_prototypes_agree_across_sides():
 
 @pytest.mark.tf
 def test_dekm_runs_through_the_matrix(tmp_path):
-    """DEKM tiny-dense on the first 52 images (a partial last batch: 52 is no multiple of 5, which the
+    """DEKM tiny-dense on the first 52 digits (a partial last batch: 52 is no multiple of 5, which the
     original's pointer needs): both frameworks from the same weights, orders and k-means++ seeds run
     the same number of steps to the same refit labels; the reported metrics are the last refit's."""
     path = _write(tmp_path, TINY.replace('model = "dpsom"', 'model = "dekm"').replace("limit = 50", "limit = 52")
@@ -261,6 +262,18 @@ def test_dekm_runs_through_the_matrix(tmp_path):
     for d in docs.values():  # the original's square table ignores classes beyond the clusters found: it can only under-count
         assert d["metrics"]["acc_original"] <= d["metrics"]["acc"] + 1e-5 and "nmi_arithmetic" in d["metrics"]
     assert tf["metrics"] == torch["metrics"]
-    with np.load(tmp_path / "runs" / "dekm-tiny-dense-MNIST-n52-original-seed0-tf.npz") as a, \
-            np.load(tmp_path / "runs" / "dekm-tiny-dense-MNIST-n52-original-seed0-torch.npz") as b:
+    with np.load(tmp_path / "runs" / "dekm-tiny-dense-digits-n52-original-seed0-tf.npz") as a, \
+            np.load(tmp_path / "runs" / "dekm-tiny-dense-digits-n52-original-seed0-torch.npz") as b:
         np.testing.assert_array_equal(a["assignments"], b["assignments"])
+
+
+def test_dask_backend_runs_the_same_job(tmp_path):
+    """The Dask backend (a local cluster here; ``--address`` for a real one) runs the same job to the
+    same result as the in-process run: torch only, tiny-dense on 50 images."""
+    path = _write(tmp_path, TINY.replace('frameworks = ["tf", "torch"]', 'frameworks = ["torch"]').replace("seeds = [0, 1]", "seeds = [0]"))
+    runs = list(matrix.load_matrix(path).runs)
+    local = matrix.run_matrix(runs, tmp_path / "local", jobs=1, threads=1, progress=False)
+    dask = matrix.run_matrix(runs, tmp_path / "dask", jobs=1, backend="dask", threads=1, progress=False)
+    assert len(local) == len(dask) == 1 and local[0]["metrics"] == dask[0]["metrics"] and local[0]["steps"] == dask[0]["steps"] == 60
+    with pytest.raises(ValueError, match="backend 'spark': expected loky, dask or ray"):
+        matrix.run_matrix(runs, tmp_path / "x", backend="spark")
