@@ -4,6 +4,7 @@
     nox -s tests           # the pytest suite (what CI runs)
     nox -s tests_notf      # torch-only environment: TF-dependent tests skip with one line each
     nox -s bench           # pytest-benchmark timings (per-step, both sides) -> results/bench/
+    nox -s timing          # T6: interleaved A/B step times, FLOPs, % of GEMM floor -> results/timing/ (-- --help)
     nox -s matrix          # T5: the runs of matrix.toml (joblib; -- --jobs 2, --only dpsom-dense, --store ...)
     nox -s table           # T5: results/matrix -> summary.csv, figures, and the README tables
     nox -s regress         # CI regression gate: quick tier + CPU-sized schedule runs vs results/regress
@@ -107,3 +108,15 @@ def bench(session: nox.Session) -> None:
         "--benchmark-json=results/bench/latest.json", *session.posargs, env={**_env(), **BENCH_ENV},
     )
     session.run("python", "-m", "harness.bench_table", "results/bench/latest.json", env=_env())
+
+
+@nox.session(python=PYTHON)
+def timing(session: nox.Session) -> None:
+    """T6 (harness/timing.py): interleaved step times per phase, FLOPs and % of the GEMM floor -> results/timing/,
+    then the README tables. OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads that lose their core to another
+    process stall every parallel region (issue 11); recorded in every result. E.g.
+    ``nox -s timing -- --model dpsom --variant dense --device cuda --modes exact,fast``."""
+    _install(session, "torch,tf,test")
+    args = session.posargs or ["--model", "dpsom", "--variant", "dense"]
+    session.run("python", "-m", "harness.timing", *args, env={**_env(), **BENCH_ENV, "OMP_WAIT_POLICY": "PASSIVE"})
+    session.run("python", "-m", "harness.readme", env=_env())

@@ -2,7 +2,7 @@
 
 Tables live between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers and are generated,
 never hand-written: ``parity`` from results/parity/*-T[0-3].json (and the pipeline tiers' *-D.json, *-I.json ...), ``t4`` from results/parity/*-T4-*steps.json,
-``bench`` from results/bench/*.csv, ``schedule`` from results/schedule/*.json, ``metrics`` (T5)
+``bench`` from results/bench/*.csv, ``timing`` (T6) from results/timing/*.json, ``schedule`` from results/schedule/*.json, ``metrics`` (T5)
 from results/matrix/summary.csv.
 ``--check`` exits 1 (listing the stale tables) when README.md and results/ disagree; the test suite
 runs it, so CI fails on a README that does not match the stored results.
@@ -74,6 +74,13 @@ def _bench(results: Path) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _timing(results: Path) -> str:
+    """T6: step times per arm and phase, FLOPs and % of the GEMM floor (harness/timing.py)."""
+    from harness.timing import markdown
+
+    return markdown(results / "timing")
+
+
 def _t4(results: Path) -> str:
     lines = ["| model / variant | steps (epoch) | seed | verdict | free-running: first step outside the band | final distance torch vs TF (weights / losses) "
              "| own float32 vs float64, port / TF (w: weights, l: losses) | synced: worst diff / tol (losses / weights / optimizer) | synced: first divergence | figure |",
@@ -139,7 +146,7 @@ def _metrics(results: Path) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench, "schedule": _schedule, "metrics": _metrics}
+RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench, "timing": _timing, "schedule": _schedule, "metrics": _metrics}
 
 
 def render(readme: str, results: Path) -> str:

@@ -105,7 +105,7 @@ class TorchDEKM(TorchPortAdapter):
         from ports.dekm.model import DEKM
         from ports.dekm.train import Trainer
 
-        model = DEKM(config).to(getattr(torch, dtype))
+        model = DEKM(config).to(device=device, dtype=getattr(torch, dtype))  # on its device before the Trainer: its generator and optimizer follow
         self.trainer = Trainer(config, model=model)
         super().__init__(model, load_table("dekm", _variant(config)), config, dtype, device)
         self.name = f"torch-{dtype}"

@@ -34,7 +34,7 @@ class TorchDPSOM(TorchPortAdapter):
         from ports.dpsom.model import DPSOM
         from ports.dpsom.train import Trainer
 
-        model = DPSOM(config).to(getattr(torch, dtype))
+        model = DPSOM(config).to(device=device, dtype=getattr(torch, dtype))  # on its device before the Trainer: its generator and optimizer follow
         self.trainer = Trainer(config, model=model)
         super().__init__(model, _table(config), config, dtype, device)
         self.name = f"torch-{dtype}"

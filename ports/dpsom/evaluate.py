@@ -18,7 +18,7 @@ from sklearn.metrics import adjusted_mutual_info_score, normalized_mutual_info_s
 from sklearn.metrics.cluster import contingency_matrix
 
 from .config import DPSOMConfig
-from .model import DPSOM, z_dist_flat
+from .model import DPSOM, device_generator, z_dist_flat
 
 
 @torch.no_grad()
@@ -29,24 +29,25 @@ def assign_clusters(model: DPSOM, x: np.ndarray, config: DPSOMConfig, seed: int 
     ``eps(shape)``, optional: the ε [batch, D] of each batch's sample, in batch order (replaces the
     restarted generator; the posterior-mean assignment draws none). ``return_distances``: also the
     [N, K] squared distances the BMU is the argmin of, as ``(k, distances)``."""
-    generator = torch.Generator().manual_seed(config.random_seed if seed is None else seed)
+    param = next(model.parameters())
+    dtype, device = param.dtype, param.device
+    generator = device_generator(device, config.random_seed if seed is None else seed)
     bs = config.batch_size
-    dtype = next(model.parameters()).dtype
     ks, dists = [], []
     model.eval()
     for i in range(len(x) // bs):
         e = None
         if eps is not None and config.eval_assignment == "sample":
-            e = torch.as_tensor(eps((bs, config.latent_dim)), dtype=dtype)
-        out = model(torch.as_tensor(x[i * bs : (i + 1) * bs], dtype=dtype), e, decode=False, generator=generator)
+            e = torch.as_tensor(eps((bs, config.latent_dim)), dtype=dtype, device=device)
+        out = model(torch.as_tensor(x[i * bs : (i + 1) * bs], dtype=dtype, device=device), e, decode=False, generator=generator)
         dist = z_dist_flat(out["posterior.mu"], model.som.flat()) if config.eval_assignment == "mean" else out["som.z_dist"]
         ks.append(dist.argmin(1))
         dists.append(dist)
     model.train()
-    k = torch.cat(ks).numpy() if ks else np.zeros(0, dtype=np.int64)
+    k = torch.cat(ks).cpu().numpy() if ks else np.zeros(0, dtype=np.int64)
     if not return_distances:
         return k
-    return k, (torch.cat(dists).numpy() if dists else np.zeros((0, model.som.flat().shape[0]), dtype=np.float32))
+    return k, (torch.cat(dists).cpu().numpy() if dists else np.zeros((0, model.som.flat().shape[0]), dtype=np.float32))
 
 
 def cluster_metrics(y_true: np.ndarray, y_pred: np.ndarray, nmi_average_method: str = "geometric") -> dict[str, float]:

@@ -94,6 +94,16 @@ class Dense(nn.Linear):
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def device_generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A seeded generator on ``device``: torch draws a device tensor only from that device's generator
+    (a CPU one with CUDA tensors is an error). The meta device has none; it gets a CPU one (shapes only)."""
+    try:
+        generator = torch.Generator(device=device)
+    except RuntimeError:
+        generator = torch.Generator()
+    return generator.manual_seed(seed)
+
+
 class FrozenBatchNorm(nn.Module):
     """Keras BatchNormalization as the original executes it.
 

@@ -75,7 +75,9 @@ class TF1Adam:
         if self._m is not None:
             return
         for p in self.params.values():
-            self._adam.state[p] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+            # the step count on the parameter's device: the fused kernel reads it there (CPU or CUDA)
+            self._adam.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device), "exp_avg": torch.zeros_like(p),
+                                   "exp_avg_sq": torch.zeros_like(p)}
         self._m = {n: self._adam.state[p]["exp_avg"] for n, p in self.params.items()}
         self._v = {n: self._adam.state[p]["exp_avg_sq"] for n, p in self.params.items()}
 

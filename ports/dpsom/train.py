@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from .config import RUN_KEYS, DPSOMConfig, get_config, parse_flag, parse_overrides
 from .losses import elbo_terms, joint_terms, loss_som_init, target_distribution
-from .model import DPSOM
+from .model import DPSOM, device_generator
 from .optim import TF1Adam, effective_learning_rate
 
 PHASES = ("vae", "som_init", "joint")
@@ -84,7 +84,7 @@ class Trainer:
         self.config = config
         self.model = model if model is not None else DPSOM(config)
         self.optimizer = TF1Adam(self.model.named_parameters())
-        self.generator = generator if generator is not None else torch.Generator().manual_seed(config.random_seed)
+        self.generator = generator if generator is not None else device_generator(self.device, config.random_seed)
         self.phase: str | None = None
 
     def begin_phase(self, phase: str) -> None:
@@ -93,12 +93,18 @@ class Trainer:
         self.phase = phase
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's parameters live: inputs are moved there, noise is drawn there."""
+        return next(self.model.parameters()).device
+
+    @property
     def global_step(self) -> int:
         return self.optimizer.global_step
 
     def _tensor(self, a: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """``a`` as a tensor in the model's float dtype (a float64 model fed float32 data casts it)."""
-        return torch.as_tensor(a, dtype=next(self.model.parameters()).dtype)
+        """``a`` as a tensor in the model's float dtype (a float64 model fed float32 data casts it), on its device."""
+        param = next(self.model.parameters())
+        return torch.as_tensor(a, dtype=param.dtype, device=param.device)
 
     def _eps(self, eps: np.ndarray | torch.Tensor | None) -> torch.Tensor | None:
         return None if eps is None else self._tensor(eps)
@@ -146,7 +152,7 @@ class Trainer:
             e = None if eps is None else self._tensor(eps[start : start + chunk])
             out = self.model(self._tensor(x[start : start + chunk]), e, decode=False, generator=self.generator)
             qs.append(out["som.q"])
-        return torch.cat(qs).numpy()
+        return torch.cat(qs).cpu().numpy()
 
     # --- checkpoints ---------------------------------------------------------------------------
     def _optimizer_shapes(self) -> dict[str, tuple[int, ...] | None]:

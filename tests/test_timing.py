@@ -1,0 +1,260 @@
+"""T6 timing tier (harness/timing.py) and the torch ports' device path, on CPU with tiny variants.
+
+What needs a GPU (CUDA events, TF32 effects, the GEMM peak of a real device) cannot run here; what
+is tested is every code path up to it: devices passed through (the ``meta`` device, on which any
+CPU tensor mixed into a step is an error, as it would be on CUDA), the FLOP rule and its closed form,
+interleaving, statistics, the result schema, the no-GPU error and the README table.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed: the timing tier times torch ports")
+
+from harness import timing  # noqa: E402
+from harness.spec import get_spec  # noqa: E402
+
+
+def _batch(model: str, variant: str, seed: int = 0):
+    spec = get_spec(model)
+    cfg = spec.get_config(variant)
+    rng = np.random.default_rng(seed)
+    shape = cfg.image_shape if model == "dpsom" else cfg.input_shape
+    return spec, cfg, spec.draw_inputs(cfg, rng, rng.random((cfg.batch_size, *shape), dtype=np.float32))
+
+
+# --- device pass-through ---------------------------------------------------------------------------
+def _reaches_host_copy(fn) -> None:
+    """``fn`` runs on meta tensors up to the first copy to the host (the step's loss values), and fails
+    there, not earlier on a tensor left on the CPU (a device mismatch, what CUDA would raise too)."""
+    with pytest.raises((NotImplementedError, RuntimeError)) as info:
+        fn()
+    message = str(info.value)
+    assert "meta" in message and "expected device" not in message and "same device" not in message, message
+
+
+@pytest.mark.parametrize("model, variant, overrides", [("dpsom", "tiny-dense", {"dropout_active": "True"}), ("dpsom", "tiny-conv", {}),
+                                                       ("dekm", "tiny-dense", {}), ("dekm", "tiny-conv", {})])
+def test_port_step_keeps_every_tensor_on_its_device(model, variant, overrides):
+    spec, _, batch = _batch(model, variant)
+    cfg = spec.get_config(variant, overrides)
+    port = spec.make_port(cfg, "float32", "meta")
+    assert port.device == torch.device("meta")
+    for phase in spec.phases:
+        _reaches_host_copy(lambda phase=phase: port.step(phase.name, batch, phase.lr_feed))  # forward, backward, update on meta
+    assert {p.device.type for p in port.module.parameters()} == {"meta"}
+    opt = port.trainer.optimizer if model == "dpsom" else port.trainer.optimizer("pretrain")
+    state = opt._adam.state if model == "dpsom" else opt.state  # noqa: SLF001
+    devices = {v.device.type for st in state.values() for k, v in st.items() if k != "step" or model == "dpsom"}
+    assert devices == {"meta"}, devices  # DPSOM's fused Adam keeps its step count on the device too
+
+
+def test_dpsom_trainer_and_evaluation_move_numpy_inputs_to_the_device():
+    """The own loop and the evaluation take numpy arrays: they must land on the model's device, and the
+    noise drawn without injected ε must come from a generator on that device."""
+    from ports.dpsom.evaluate import assign_clusters
+    from ports.dpsom.model import DPSOM
+    from ports.dpsom.train import Trainer
+
+    cfg = get_spec("dpsom").get_config("tiny-dense", {"dropout_active": "True"})
+    trainer = Trainer(cfg, DPSOM(cfg).to("meta"))
+    x = np.random.default_rng(0).random((cfg.batch_size, *cfg.image_shape), dtype=np.float32)
+    for eps in (np.zeros((cfg.batch_size, cfg.latent_dim), np.float32), None):
+        _reaches_host_copy(lambda eps=eps: trainer.step("vae", x, 1e-3, eps=eps))
+    _reaches_host_copy(lambda: trainer.q_all(x))
+    _reaches_host_copy(lambda: assign_clusters(trainer.model, x, cfg))
+    assert Trainer(cfg).generator.device == torch.device("cpu")
+
+
+def test_cpu_port_explicit_device():
+    """device="cpu" spelled out: the step runs and leaves parameters and optimizer slots on the CPU."""
+    spec, cfg, batch = _batch("dpsom", "tiny-dense")
+    port = spec.make_port(cfg, "float32", "cpu")
+    record = port.step("vae", batch, 1e-3)
+    assert np.isfinite(record["loss.elbo"])
+    assert {p.device.type for p in port.module.parameters()} == {"cpu"}
+    assert {t.device.type for st in port.trainer.optimizer._adam.state.values() for t in st.values()} == {"cpu"}  # noqa: SLF001
+
+
+# --- FLOPs --------------------------------------------------------------------------------------------
+def test_flop_counter_rule_for_linear():
+    """The rule FlopCounterMode applies: 2·B·in·out for the forward GEMM, as much again per gradient
+    GEMM it computes: grad_weight always, grad_input only where the input needs a gradient."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    B, n_in, n_out = 5, 13, 11
+    layer = torch.nn.Linear(n_in, n_out)
+    for needs_grad, factor in ((True, 3), (False, 2)):
+        x = torch.randn(B, n_in, requires_grad=needs_grad)
+        with FlopCounterMode(display=False) as counter:
+            layer(x).sum().backward()
+        assert counter.get_total_flops() == factor * 2 * B * n_in * n_out
+
+
+def _linear_step_flops(B: int, dims: list[tuple[int, int]]) -> int:
+    """Closed form for a stack of Linear layers fed data (no input gradient): 3 GEMMs of 2·B·in·out each
+    per layer (forward, grad_input, grad_weight), minus the first layer's grad_input."""
+    return 3 * 2 * B * sum(i * o for i, o in dims) - 2 * B * dims[0][0] * dims[0][1]
+
+
+def test_flops_of_dense_tiny_steps_match_the_closed_form():
+    spec, cfg, batch = _batch("dekm", "tiny-dense")
+    f = cfg.filters
+    dims = [(784, f[0]), (f[0], f[1]), (f[1], f[2]), (f[2], cfg.hidden_units),  # encoder + embedding
+            (cfg.hidden_units, f[2]), (f[2], f[1]), (f[1], f[0]), (f[0], 784)]  # decoder
+    B = cfg.batch_size
+    counted = timing.count_flops(spec.make_port(cfg, "float32", "meta"), "loss.recon", batch)
+    assert counted["flops"] == _linear_step_flops(B, dims) == 2 * B * (3 * sum(i * o for i, o in dims) - 784 * f[0])
+    assert set(counted["by_op"]) == {"aten.addmm", "aten.mm"}
+    # clustering step: encoder + embedding, then h·V (d x d), whose gradient flows to h only
+    d = cfg.hidden_units
+    cluster = timing.count_flops(spec.make_port(cfg, "float32", "meta"), "loss.cluster", batch)
+    assert cluster["flops"] == _linear_step_flops(B, dims[:4]) + 2 * 2 * B * d * d
+
+    spec, cfg, batch = _batch("dpsom", "tiny-dense")
+    e, D, B = cfg.dense_enc_dims, cfg.latent_dim, cfg.batch_size
+    head = D + D * (D + 1) // 2
+    enc = [(784, e[0]), (e[0], e[1]), (e[1], e[2]), (e[2], head)]
+    dec = [(D, e[2]), (e[2], e[1]), (e[1], e[0]), (e[0], 784)]
+    meta = spec.make_port(cfg, "float32", "meta")
+    # z = mu + L·eps: a bmm of 2·B·D² forward and one gradient (to L; eps is data)
+    assert timing.count_flops(meta, "loss.elbo", batch)["flops"] == _linear_step_flops(B, enc + dec) + 2 * 2 * B * D * D
+    # SOM initialisation: the encoder runs without gradient (L_a stops it at z): forward only
+    assert timing.count_flops(meta, "loss.som_init", batch)["flops"] == 2 * B * sum(i * o for i, o in enc) + 2 * B * D * D
+
+
+# --- interleaving and statistics -------------------------------------------------------------------------
+def test_arms_alternate_after_their_warmup():
+    calls: list[str] = []
+
+    def run_one(label: str) -> float:
+        calls.append(label)
+        return 1.0
+
+    order, seconds = timing.run_interleaved(["A", "B"], repeats=4, warmup=2, run_one=run_one)
+    assert calls == ["A", "A", "B", "B"] + ["A", "B"] * 4
+    assert order == ["A", "B"] * 4 == timing.interleave(["A", "B"], 4)
+    assert {k: len(v) for k, v in seconds.items()} == {"A": 4, "B": 4}
+
+
+def test_median_and_iqr_of_known_timings():
+    fake = {"A": iter([9.0, 5.0, 1.0, 4.0, 2.0, 3.0]), "B": iter([0.0, 10.0, 40.0, 20.0, 30.0, 1000.0])}  # first: warm-up
+    _, seconds = timing.run_interleaved(["A", "B"], repeats=5, warmup=1, run_one=lambda label: next(fake[label]))
+    assert seconds == {"A": [5.0, 1.0, 4.0, 2.0, 3.0], "B": [10.0, 40.0, 20.0, 30.0, 1000.0]}
+    a, b = timing.summarise(seconds["A"]), timing.summarise(seconds["B"])
+    assert (a["median_s"], a["q1_s"], a["q3_s"], a["iqr_s"], a["n"]) == (3.0, 2.0, 4.0, 2.0, 5)
+    assert (b["median_s"], b["iqr_s"], b["min_s"], b["max_s"]) == (30.0, 20.0, 10.0, 1000.0)  # the outlier moves neither
+    assert timing.summarise([1.0, 2.0, 3.0, 4.0])["median_s"] == 2.5
+
+
+def _switches(state: dict) -> dict:
+    """torch's switches as the suite sets them (legacy spelling; see ``preserved_torch_state``)."""
+    return {k: v for k, v in state.items() if not k.startswith("fp32_precision")}
+
+
+def test_settings_key_and_readback():
+    before = _switches(timing.torch_state())
+    with timing.preserved_torch_state():
+        exact, fast = (timing.Settings.for_mode(m, "cpu", threads=1) for m in ("exact", "fast"))
+        assert "tf32_0" in exact.key and "deterministic_1" in exact.key and "threads_1" in exact.key
+        assert "tf32_1" in fast.key and "cudnn_benchmark_1" in fast.key and "deterministic_0" in fast.key
+        got = timing.apply(fast)
+        assert (got["tf32_matmul"], got["cudnn_benchmark"], got["deterministic"], got["threads"]) == (True, True, False, 1)
+        assert got["fp32_precision_matmul"] in ("tf32", None)
+    assert _switches(timing.torch_state()) == before
+    with pytest.raises(KeyError, match="unknown mode"):
+        timing.Settings.for_mode("turbo", "cpu")
+
+
+# --- the tier end to end, its files and the README ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stored(tmp_path_factory):
+    out = tmp_path_factory.mktemp("timing")
+    before = _switches(timing.torch_state())
+    docs = timing.run("dekm", "tiny-dense", "cpu", ("exact", "fast"), repeats=3, warmup=1, threads=1, gemm_n=64, profile=True, out=out)
+    assert _switches(timing.torch_state()) == before  # the arms' settings do not leak into the rest of the process
+    return out, docs
+
+
+def test_result_files_and_schema(stored):
+    out, docs = stored
+    assert sorted(p.name for p in out.iterdir()) == ["dekm-tiny-dense-cpu-exact.json", "dekm-tiny-dense-cpu-fast.json"]
+    spec = get_spec("dekm")
+    for doc in docs:
+        on_disk = json.loads((out / f"dekm-tiny-dense-cpu-{doc['mode']}.json").read_text())
+        assert on_disk["key"] == doc["key"] and on_disk["schema"] == timing.SCHEMA
+        for field in ("model", "variant", "device", "mode", "framework", "settings", "applied", "environment", "peak", "arms",
+                      "warmup", "repeats", "batch_size", "data", "seed", "flops_method", "clock", "phases"):
+            assert field in on_disk, field
+        env = on_disk["environment"]
+        for field in ("device_name", "driver", "cuda_runtime", "version.torch", "git_commit", "cpu"):
+            assert field in env, field
+        s = on_disk["settings"]
+        assert {k: s[k] for k in ("tf32", "cudnn_benchmark", "deterministic")} == timing.MODES[doc["mode"]]
+        assert (s["threads"], on_disk["applied"]["threads"], on_disk["applied"]["tf32_matmul"]) == (1, 1, s["tf32"])
+        assert on_disk["clock"] == "time.perf_counter" and on_disk["peak"]["flops_per_s"] > 0
+        assert on_disk["phase_order"] == [p.name for p in spec.phases] and sorted(on_disk["phases"]) == sorted(on_disk["phase_order"])
+        for phase in on_disk["phases"].values():
+            assert set(timing.PHASE_FIELDS) <= set(phase)
+            assert phase["n"] == len(phase["seconds"]) == 3 and phase["finite"]
+            assert phase["q1_s"] <= phase["median_s"] <= phase["q3_s"] and phase["flops"] > 0
+            assert phase["pct_of_floor"] == pytest.approx(100 * phase["flops"] / on_disk["peak"]["flops_per_s"] / phase["median_s"])
+            assert list(phase["ratio_to"]) == [m for m in ("exact", "fast") if m != doc["mode"]]
+    assert docs[0]["phases"]["pretrain"]["flops"] == docs[1]["phases"]["pretrain"]["flops"]
+    layers = docs[0]["profile"]["pretrain"]["layers"]
+    assert {"encoder.fc1", "embedding", "decoder.out"} <= set(layers)  # canonical names, from the mapping table
+    assert layers["encoder.fc1"]["forward_cpu_ms"] > 0 and layers["encoder.fc1"]["backward_cpu_ms"] > 0
+    assert set(docs[0]["profile"]["pretrain"]["top_level"]) == {"encoder", "embedding", "decoder"}
+
+
+def test_a_failing_step_is_recorded_not_retried(monkeypatch, tmp_path):
+    """An arm whose step raises (out of memory, a kernel that exact mode refuses) leaves that phase's
+    rotation with the error recorded; the other phases and the table go on."""
+    from harness.adapters.dekm import TorchDEKM
+
+    step, calls = TorchDEKM.step, []
+
+    def flaky(self, phase, batch, lr_feed, return_gradients=False):
+        calls.append(phase)
+        if phase == "cluster":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+        return step(self, phase, batch, lr_feed, return_gradients)
+
+    monkeypatch.setattr(TorchDEKM, "step", flaky)
+    (doc,) = timing.run("dekm", "tiny-dense", "cpu", ("exact",), repeats=3, warmup=1, threads=1, gemm_n=64, out=tmp_path)
+    assert calls.count("cluster") == 1 and calls.count("pretrain") == 4
+    assert doc["phases"]["cluster"]["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert doc["phases"]["pretrain"]["n"] == 3
+    assert "| cluster | failed: RuntimeError: CUDA out of memory" in timing.markdown(tmp_path)
+
+
+def test_no_gpu_is_one_clear_line(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the no-GPU error cannot be provoked")
+    code = timing.main(["--model", "dekm", "--variant", "tiny-dense", "--device", "cuda", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --device cuda: no CUDA GPU"), err
+    assert not list(tmp_path.iterdir())
+
+
+def test_readme_timing_table(stored, tmp_path):
+    from harness.readme import ROOT, render
+
+    assert "No T6 timings stored" in timing.markdown(tmp_path / "timing")
+    readme = (ROOT / "README.md").read_text()
+    empty = render(readme, tmp_path)
+    section = empty.split("<!-- timing:begin -->")[1].split("<!-- timing:end -->")[0]
+    assert "No T6 timings stored" in section and "python -m harness.timing" in section
+    out, _ = stored
+    (tmp_path / "timing").mkdir()
+    for p in out.iterdir():
+        (tmp_path / "timing" / p.name).write_text(p.read_text())
+    section = render(readme, tmp_path).split("<!-- timing:begin -->")[1].split("<!-- timing:end -->")[0]
+    rows = [line for line in section.splitlines() if line.startswith("| dekm / tiny-dense")]
+    assert len(rows) == 4  # two arms x two phases
+    assert any("exact (`cpu-exact-tf32_0" in r and "| pretrain |" in r for r in rows)
+    assert "`dekm-tiny-dense-cpu-fast.json`" in section
