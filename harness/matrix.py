@@ -19,6 +19,11 @@ written atomically: ``<out>/runs/<stem>.json`` (metrics, steps, wall time, confi
 environment, device, per-epoch loss means) and ``<out>/runs/<stem>.npz`` (assignments and labels,
 and the decoded prototypes where the model has them).
 ``--out`` defaults to runs/matrix; ``--store`` writes into results/matrix (new runs only).
+
+Run a long matrix from a snapshot of the code (``git worktree add --detach ../snapshot HEAD``, then
+``python -m harness.matrix --out <repo>/results/matrix`` from the snapshot): a job imports parts of
+the sides lazily, so editing the working tree under a running job mixes two versions of the code (seen:
+an ImportError at the final evaluation of a 45-minute run). Each run records the commit it started at.
 """
 
 from __future__ import annotations
@@ -145,11 +150,11 @@ def execute(run: Run, out: Path, threads: int | None = None) -> dict[str, Any]:
     os.environ.update(JOB_ENV)
     if threads:  # before TF/torch build their pools (TF reads these when its first session starts)
         os.environ.update(OMP_NUM_THREADS=str(threads), TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS="1")
-    from harness.env import fingerprint, seed_all
+    from harness.env import fingerprint, git_commit, seed_all
     from harness.spec import get_spec
     from harness.tier_ownloop import NoiseStream
 
-    flags = seed_all(run.seed)
+    flags, commit = seed_all(run.seed), git_commit()  # the code as the job starts (see the module docstring)
     if threads:
         import torch
 
@@ -176,7 +181,7 @@ def execute(run: Run, out: Path, threads: int | None = None) -> dict[str, Any]:
     if bad:
         raise FloatingPointError(f"{run.stem}: non-finite final metric(s) {bad}; nothing written")
     steps = [r for r in records if r["phase"] != "stop"]
-    env = fingerprint()
+    env = {**fingerprint(), "git_commit": commit, "code": str(ROOT)}
     doc = {**asdict(run), "data": data_name, "side": getattr(side, "name", FRAMEWORKS[run.framework]),
            "metrics": {k: float(v) for k, v in ev["metrics"].items()}, "nmi_average": ev.get("nmi_average"),
            "assign_from": ev.get("assign_from"), "n_evaluated": int(len(ev["assignments"])), "steps": len(steps),
