@@ -123,13 +123,17 @@ def _fmt(mean: float, sd: float) -> str:
 
 
 def _metrics(results: Path) -> str:
-    """T5: one row per (model, variant, data, schedule) and reported metric with a margin, from
-    results/matrix/summary.csv (harness/t5_table.py); published numbers from harness/published.csv."""
+    """T5: one row per (model, variant, data, schedule) and metric the original reports (the spec's
+    ``reported_metrics``) that has a margin, from results/matrix/summary.csv (harness/t5_table.py;
+    every other metric is there too); published numbers from harness/published.csv."""
     path = results / "matrix" / "summary.csv"
     if not path.exists():
         return "No T5 runs stored yet (`python -m harness.matrix --store`, then `nox -s table`)."
+    from harness.spec import models
+
+    reported = {name: spec.reported_metrics for name, spec in models().items()}
     df = pd.read_csv(path)
-    df = df[df["verdict"].notna()]
+    df = df[df["verdict"].notna() & [m in reported.get(model, ()) for model, m in zip(df["model"], df["metric"])]]
     pub = pd.read_csv(Path(__file__).resolve().parent / "published.csv")
     sources = list(dict.fromkeys(pub["source"]))
     lines = ["| model / variant | data | schedule | metric | TF reference | PyTorch port | Δ TF − torch (90 % CI) | margin | verdict "
