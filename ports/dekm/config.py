@@ -13,6 +13,8 @@ framework, so a reference pinned to an older TensorFlow can use it.
 
 from __future__ import annotations
 
+from ports.cli import FLAG_VALUES, parse_flag  # noqa: F401  (re-exported: the configs carry the CLI vocabulary)
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -150,20 +152,6 @@ def replace(config: DEKMConfig, **overrides: Any) -> DEKMConfig:
     if unknown:
         raise KeyError(f"unknown DEKM config key(s) {unknown}; valid keys: {sorted(valid)}")
     return dataclasses.replace(config, **{k: _coerce(k, v, getattr(config, k)) for k, v in overrides.items()})
-
-
-FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def parse_flag(key: str, value: Any) -> bool:
-    """A run-level switch (``overwrite=``): true/false/1/0/yes/no in any case; anything else is refused
-    rather than read as False, so a typo cannot quietly decide whether earlier results are replaced."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text not in FLAG_VALUES:
-        raise ValueError(f"{key}={value!r}: expected true or false (or 1/0, yes/no; any case)")
-    return FLAG_VALUES[text]
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:

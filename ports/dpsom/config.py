@@ -15,6 +15,8 @@ This module imports no framework, so a reference pinned to an older TensorFlow c
 
 from __future__ import annotations
 
+from ports.cli import FLAG_VALUES, parse_flag  # noqa: F401  (re-exported: the configs carry the CLI vocabulary)
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -190,22 +192,6 @@ def replace(config: DPSOMConfig, **overrides: Any) -> DPSOMConfig:
 # Keys of ``python -m ports.dpsom.train`` / ``python -m reference_tf.dpsom.train`` that steer the run
 # rather than the model: one list for both CLIs, so a command line means the same on either side.
 RUN_KEYS = ("variant", "data_dir", "out_dir", "resume", "overwrite", "results_dir", "progress")
-FLAG_VALUES = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-
-
-def parse_flag(key: str, value: Any) -> bool:
-    """A run-level switch (``resume=``, ``overwrite=``, ``progress=``): true/false/1/0/yes/no in any case.
-
-    Anything else is refused rather than read as False: ``resume=ture`` once restarted a run and wrote
-    over its 8-epoch checkpoint."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text not in FLAG_VALUES:
-        raise ValueError(f"{key}={value!r}: expected true or false (or 1/0, yes/no; any case)")
-    return FLAG_VALUES[text]
-
-
 def parse_overrides(args: list[str]) -> dict[str, str]:
     """``["num_epochs=3", "convolution=True"]`` -> dict; rejects tokens without ``=``."""
     out: dict[str, str] = {}
