@@ -7,8 +7,11 @@
 2. **CPU-sized schedule runs** (``regress.toml``, matrix format: DPSOM dense, reduced schedule on an
    MNIST subset, fixed seeds, both frameworks; rerun fresh into ``--out``), every metric's mean over
    the seeds per framework against the stored baseline (results/regress/runs): a drift when
-   |now − baseline| > band, band = ``BAND_K`` × the baseline's standard error over its seeds
-   (sd / √n), at least ``BAND_FLOOR``.
+   |now − baseline| > band, band = ``BAND_K`` × the larger of two standard errors of that mean,
+   both read off the baseline: over its seeds (sd / √n), and under float-level perturbation (the
+   TF-vs-torch difference at one seed is two float32 roundings of the same run apart, so one
+   run's rounding moves the metric by σ_f = rms(d) / √2, a mean of n by σ_f / √n: what another
+   CPU's kernels may do to the rerun). At least ``BAND_FLOOR``.
 
 Prints every comparison and exits 1 listing the drifts (metric, baseline, now, delta, band).
 ``--update-baseline`` reruns part 2 into results/regress (nothing else is ever written there);
@@ -33,7 +36,7 @@ from harness.t5_table import load_runs
 
 BASELINE = ROOT / "results" / "regress"
 QUICK = (("dpsom", "dense"), ("dpsom", "conv"))
-BAND_K = 3.0  # standard errors of the baseline's mean over seeds
+BAND_K = 3.0  # standard errors of the baseline's mean
 BAND_FLOOR = 1e-4  # where every seed gave the same value (sd 0): one image in 10 000
 
 
@@ -42,6 +45,7 @@ def metric_drifts(baseline: pd.DataFrame, now: pd.DataFrame) -> pd.DataFrame:
     A metric or run present in the baseline and absent now is a drift (NaN now)."""
     keys = ["model", "variant", "dataset", "limit", "schedule", "framework"]
     metrics = [c for c in baseline.columns if c.startswith("metric.")]
+    wide = baseline.pivot_table(index=[*keys[:-1], "seed"], columns="framework", values=metrics)
     rows = []
     for key, g in baseline.groupby(keys, sort=True):
         h = now.merge(pd.DataFrame([dict(zip(keys, key))]), on=keys)
@@ -51,7 +55,10 @@ def metric_drifts(baseline: pd.DataFrame, now: pd.DataFrame) -> pd.DataFrame:
                 continue
             n_now = h[col].dropna() if col in h else pd.Series(dtype=float)
             sem = float(np.std(b, ddof=1) / np.sqrt(len(b))) if len(b) > 1 else 0.0
-            band = max(BAND_K * sem, BAND_FLOOR)
+            pair = wide.xs(tuple(key[:-1]), level=tuple(keys[:-1]))[col] if {(col, "tf"), (col, "torch")} <= set(wide.columns) else None
+            d = (pair["tf"] - pair["torch"]).dropna().to_numpy() if pair is not None else np.zeros(0)
+            rounding = float(np.sqrt(np.mean(d**2) / 2) / np.sqrt(len(b))) if len(d) else 0.0
+            band = max(BAND_K * max(sem, rounding), BAND_FLOOR)
             value = float(n_now.mean()) if len(n_now) == len(b) else float("nan")  # a lost seed is a drift
             delta = value - float(b.mean())
             rows.append({**dict(zip(keys, key)), "metric": col.removeprefix("metric."), "seeds": len(b), "baseline": float(b.mean()),
