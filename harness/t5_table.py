@@ -166,7 +166,7 @@ def figures(folder: Path, runs: pd.DataFrame, specs: dict) -> list[Path]:
         ax.set_title("each phase's loss, per-epoch mean")
         ax.set_xlabel("epoch / refit")
         ax.set_yscale("symlog")
-        fig.suptitle(" / ".join(str(k) for k in key))
+        fig.suptitle(f"{model} / {variant} / {dataset}{f' (first {limit})' if limit else ''} / {schedule} schedule")
         written.append(_save(fig, out_dir / f"{stem}.png"))
         proto = _prototypes(folder, g)
         if proto is not None:
@@ -178,7 +178,7 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=80, metadata={"Software": None})
+    fig.savefig(path.with_name(path.name + ".tmp.png"), dpi=80, metadata={"Software": None}, bbox_inches="tight")
     os.replace(path.with_name(path.name + ".tmp.png"), path)
     plt.close(fig)
     return path
@@ -215,8 +215,9 @@ def _prototypes(folder: Path, g: pd.DataFrame):
                 hits = y[k == node]
                 share = f" {np.mean(hits == majority[node]):.0%}" if len(hits) else " -"
                 ax.set_title(f"{majority[node] if len(hits) else '·'}{share}", fontsize=7)
-            axes[0][j * (cols + 1)].set_title(f"{'TF reference' if f == 'tf' else 'PyTorch port'}, seed {seed}\n"
-                                              + axes[0][j * (cols + 1)].get_title(), fontsize=7, loc="left")
+            fig.text((j * (cols + 1) + cols / 2) / (cols * len(arrays) + len(arrays) - 1), 1.0,
+                     f"{'TF reference' if f == 'tf' else 'PyTorch port'}, seed {seed} (node: majority label, its share)",
+                     ha="center", va="bottom", fontsize=9)
         return fig
     return None
 
