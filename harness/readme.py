@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from harness.parity import PIPELINE
@@ -133,7 +134,8 @@ def _metrics(results: Path) -> str:
 
     reported = {name: spec.reported_metrics for name, spec in models().items()}
     df = pd.read_csv(path)
-    df = df[df["verdict"].notna() & [m in reported.get(model, ()) for model, m in zip(df["model"], df["metric"])]]
+    shown = [m in reported.get(model, ()) for model, m in zip(df["model"], df["metric"])]
+    df = df[df["verdict"].notna().to_numpy() & np.array(shown, bool)]
     pub = pd.read_csv(Path(__file__).resolve().parent / "published.csv")
     sources = list(dict.fromkeys(pub["source"]))
     lines = ["| model / variant | data | schedule | metric | TF reference | PyTorch port | Δ TF − torch (90 % CI) | margin | verdict "
