@@ -137,6 +137,7 @@ def _metrics(results: Path) -> str:
     shown = [m in reported.get(model, ()) for model, m in zip(df["model"], df["metric"])]
     df = df[df["verdict"].notna().to_numpy() & np.array(shown, bool)]
     pub = pd.read_csv(Path(__file__).resolve().parent / "published.csv")
+    pub = pub.merge(df[["model", "variant", "dataset", "metric"]].drop_duplicates(), on=["model", "variant", "dataset", "metric"])
     sources = list(dict.fromkeys(pub["source"]))
     lines = ["| model / variant | data | schedule | metric | TF reference | PyTorch port | Δ TF − torch (90 % CI) | margin | verdict "
              "| seeds | ARI TF vs torch | published, original schedule | device |",
