@@ -14,8 +14,9 @@ be compared (ARI, harness/t5_table.py).
 Jobs go through joblib: a local process pool by default (``--jobs``), or ``--backend dask
 --address tcp://scheduler:8786`` / ``--backend ray --address auto`` for a cluster (each job imports
 the suite, so the workers need it installed and the data reachable via PARITY_DATA_DIR). A finished
-run (its JSON present) is never recomputed; a run interrupted mid-schedule starts again. Each run is
-written atomically: ``<out>/runs/<stem>.json`` (metrics, steps, wall time, config as executed,
+run (its JSON present) is never recomputed; a run interrupted mid-schedule resumes at its last
+finished epoch from ``<out>/runs/<stem>.partial.npz`` (:func:`_train`). Each run is written
+atomically: ``<out>/runs/<stem>.json`` (metrics, steps, wall time, config as executed,
 environment, device, per-epoch loss means) and ``<out>/runs/<stem>.npz`` (assignments and labels,
 and the decoded prototypes where the model has them).
 ``--out`` defaults to runs/matrix; ``--store`` writes into results/matrix (new runs only).
@@ -29,6 +30,7 @@ an ImportError at the final evaluation of a 45-minute run). Each run records the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -168,13 +170,13 @@ def execute(run: Run, out: Path, threads: int | None = None) -> dict[str, Any]:
     weights = spec.draw_weights(shapes, np.random.Generator(np.random.PCG64([run.seed, 2])))
     noise = NoiseStream([run.seed, 3])
     side = spec.make_reference(cfg) if FRAMEWORKS[run.framework] == "reference" else spec.make_port(cfg, "float32")
+    partial = out / "runs" / f"{run.stem}.partial.npz"
     try:
         side.set_weights(weights)
+        records, train_s, resumed = _train(side, data, noise, partial, {"stem": run.stem, "config": spec.config_dict(cfg)}, commit)
         t0 = time.perf_counter()
-        records = side.fit_records(data, noise)
-        train_s = time.perf_counter() - t0
         ev = spec.final_evaluation(side, cfg, data, records, noise)
-        eval_s = time.perf_counter() - t0 - train_s
+        eval_s = time.perf_counter() - t0
     finally:
         getattr(side, "close", lambda: None)()
     bad = [k for k, v in ev["metrics"].items() if not np.isfinite(v)]
@@ -188,14 +190,77 @@ def execute(run: Run, out: Path, threads: int | None = None) -> dict[str, Any]:
            "end": records[-1].get("epoch"), "train_seconds": train_s, "eval_seconds": eval_s,
            "device": env.get("torch.cuda") or "cpu", "threads": threads or os.cpu_count(), "job_env": {**JOB_ENV},
            "determinism": flags, "noise_rows": noise.rows, "config": spec.config_dict(cfg), "environment": env,
-           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "curve": _epoch_means(steps)}
+           "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "resumed": resumed, "curve": _epoch_means(steps)}
     (out / "runs").mkdir(parents=True, exist_ok=True)
     arrays = {"assignments": np.asarray(ev["assignments"], np.int64), "labels": np.asarray(ev["labels"], np.int64)}
     if ev.get("prototypes") is not None:  # decoded prototypes (a model that has them), for the figures
         arrays["prototypes"] = np.asarray(ev["prototypes"], np.float16)
     _atomic_write(target.with_suffix(".npz"), lambda p: _savez(p, arrays))
     _atomic_write(target, lambda p: p.write_text(json.dumps(doc, indent=1, default=str)))
+    partial.unlink(missing_ok=True)
     return doc
+
+
+def _scalars(record: dict[str, Any]) -> dict[str, Any]:
+    """A step record without its arrays (the joint steps' rows of P): what a run keeps of it."""
+    return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items() if not isinstance(v, np.ndarray)}
+
+
+def _train(side: Any, data: Any, noise: Any, partial: Path, identity: dict[str, Any], commit: str | None
+           ) -> tuple[list[dict[str, Any]], float, list[dict[str, Any]]]:
+    """The side's own loop over the whole schedule, one epoch at a time (``fit_records(epochs=)``),
+    with ``partial`` written atomically after each: weights, optimizer state, the noise stream's
+    position, the records and training seconds so far. A run interrupted mid-schedule resumes at
+    its last finished epoch and continues row for row as the uninterrupted run (test_t5 compares
+    both). A side whose loop cannot run in epochs (``Unsupported``) runs whole, without resume.
+    Returns (records, training seconds, [{epoch, commit} of every resume])."""
+    from harness.protocols import Unsupported
+
+    identity = json.loads(json.dumps(identity, default=str))  # as it reads back from the partial file
+    records: list[dict[str, Any]] = []
+    train_s, epoch, resumed = 0.0, 0, []
+    if partial.exists():
+        state = _read_partial(partial, identity)
+        side.set_weights(state["weights"])
+        side.set_optimizer_state(state["optimizer"])
+        noise.restore(state["noise"])
+        records, train_s, epoch = state["records"], state["train_seconds"], state["epochs_done"]
+        resumed = state["resumed"] + [{"epoch": epoch, "commit": commit}]
+    while True:
+        t0 = time.perf_counter()
+        try:
+            chunk = side.fit_records(data, noise, epochs=(epoch, epoch + 1))
+        except Unsupported:
+            if epoch:
+                raise
+            return side.fit_records(data, noise), time.perf_counter() - t0, []
+        train_s += time.perf_counter() - t0
+        if not chunk:
+            return records, train_s, resumed
+        records += [_scalars(r) for r in chunk]
+        epoch += 1
+        state = {**identity, "epochs_done": epoch, "train_seconds": train_s, "noise": noise.state(), "resumed": resumed,
+                 "records": records}
+        arrays = {"state": np.array(json.dumps(state, default=str))}
+        arrays.update({f"weight/{k}": np.asarray(v) for k, v in side.get_weights().items()})
+        arrays.update({f"optimizer/{k}": np.asarray(v) for k, v in side.optimizer_state().items()})
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(partial, functools.partial(_savez, arrays=arrays))
+
+
+def _read_partial(path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """A run's partial state, checked against the run it would resume (stem and config as executed)."""
+    try:
+        with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:  # the file closed on a failed load too
+            state = json.loads(str(z["state"]))
+            weights = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("weight/")}
+            optimizer = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("optimizer/")}
+    except Exception as err:  # noqa: BLE001  (zip, npz and JSON errors alike: the file is unusable)
+        raise ValueError(f"{path}: not a readable partial run ({type(err).__name__}: {err}); delete it to start the run over") from None
+    differs = [k for k in identity if state.get(k) != identity[k]]
+    if differs:
+        raise ValueError(f"{path}: a partial run of another {' and '.join(differs)} than this run's; delete it to start over")
+    return {**state, "weights": weights, "optimizer": optimizer}
 
 
 def pending(runs: tuple[Run, ...] | list[Run], out: Path) -> list[Run]:

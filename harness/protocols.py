@@ -98,13 +98,18 @@ class ReferenceSide(Protocol):
         logged stream and the evaluation set (a model without one ignores it)."""
 
     # --- optional: the side's own training loop and evaluation (own-loop T4, evaluation tier) ---
-    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None, epochs: tuple[int, int] | None = None) -> list[dict[str, Any]]:
         """Optional (else :class:`Unsupported`). Run the side's OWN training loop over its config's
         whole schedule on ``data`` (the spec's named arrays) from the current weights; ``eps(shape)``
         gives the noise of each forward the loop makes, in the order it makes them. Returns one
         record per optimizer step: ``phase``, ``epoch``, ``global_step`` (after it), ``lr_feed``,
         ``lr`` (effective), ``p`` / ``p_step`` (the per-epoch target the step used and the global
-        step it was computed at; None where the phase has none) and every loss term of the phase."""
+        step it was computed at; None where the phase has none) and every loss term of the phase.
+
+        ``epochs=(start, stop)``: only epochs start..stop-1 of the schedule, from the current weights
+        and optimizer state (none past its end: ``[]``); what the run matrix checkpoints between, so
+        an interrupted run resumes. A loop that carries state beyond weights and optimizer from one
+        epoch to the next raises :class:`Unsupported` for it (the matrix then runs it whole)."""
         raise Unsupported(f"{type(self).__name__} does not provide fit_records()")
 
     def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:

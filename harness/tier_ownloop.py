@@ -72,6 +72,14 @@ class NoiseStream:
         self.calls += 1
         return self._rng.standard_normal(shape, dtype=np.float32)
 
+    def state(self) -> dict[str, Any]:
+        """Where the stream is (JSON-able): what :meth:`restore` continues from, row for row."""
+        return {"rows": self.rows, "calls": self.calls, "bit_generator": self._rng.bit_generator.state}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._rng.bit_generator.state = state["bit_generator"]
+        self.rows, self.calls = int(state["rows"]), int(state["calls"])
+
 
 def p_hash(p: Any) -> str | None:
     """sha1 (first 12 hex digits) of the target rows' float32 bytes, None where there are none."""

@@ -124,6 +124,66 @@ def test_finished_runs_are_not_recomputed(tiny_runs, monkeypatch):
 
 
 @pytest.mark.tf
+@pytest.mark.parametrize("framework", ["tf", "torch"])
+def test_interrupted_run_resumes_as_if_never_stopped(tiny_runs, tmp_path, monkeypatch, framework):
+    """Killed in its 4th epoch (of 6), a run leaves its partial file (3 epochs) and no result; run
+    again, it resumes there and ends exactly where the uninterrupted run ended: metrics, assignments,
+    per-epoch loss means, noise rows. A side that cannot run in epochs (the whole-loop fallback)
+    ends there too, so epoch chunking itself changes nothing."""
+    from harness.adapters.dpsom import TFReferenceDPSOM, TorchDPSOM
+    from harness.protocols import Unsupported
+
+    out, runs, docs = tiny_runs
+    run = next(r for r in runs if r.seed == 0 and r.framework == framework)
+    ref = next(d for d in docs if d["seed"] == 0 and d["framework"] == framework)
+    cls = {"tf": TFReferenceDPSOM, "torch": TorchDPSOM}[framework]
+    real = cls.fit_records
+
+    def killed(self, data, eps=None, epochs=None):
+        if epochs and epochs[0] == 3:
+            raise KeyboardInterrupt
+        return real(self, data, eps, epochs)
+
+    def whole(self, data, eps=None, epochs=None):
+        if epochs is not None:
+            raise Unsupported("whole loop only")
+        return real(self, data, eps)
+
+    partial = tmp_path / "runs" / f"{run.stem}.partial.npz"
+    monkeypatch.setattr(cls, "fit_records", killed)
+    with pytest.raises(KeyboardInterrupt):
+        matrix.execute(run, tmp_path)
+    assert partial.exists() and not (tmp_path / "runs" / f"{run.stem}.json").exists()
+    monkeypatch.setattr(cls, "fit_records", real)
+    resumed = matrix.execute(run, tmp_path)
+    monkeypatch.setattr(cls, "fit_records", whole)
+    unchunked = matrix.execute(run, tmp_path / "whole")
+    assert not partial.exists() and [r["epoch"] for r in resumed["resumed"]] == [3] and unchunked["resumed"] == []
+    for doc in (resumed, unchunked):
+        assert doc["metrics"] == ref["metrics"] and doc["curve"] == ref["curve"]
+        assert (doc["steps"], doc["noise_rows"]) == (ref["steps"], ref["noise_rows"]) == (60, ref["noise_rows"])
+    with np.load(out / "runs" / f"{run.stem}.npz") as a, np.load(tmp_path / "runs" / f"{run.stem}.npz") as b:
+        np.testing.assert_array_equal(a["assignments"], b["assignments"])
+
+
+def test_unusable_partial_run_is_refused_by_name(tmp_path):
+    """A partial file that is not one, or belongs to another run, is an error naming it; nothing is trained."""
+    path = _write(tmp_path, TINY.replace('frameworks = ["tf", "torch"]', 'frameworks = ["torch"]'))
+    seed0, seed1 = matrix.load_matrix(path).runs
+    partial = tmp_path / "runs" / f"{seed1.stem}.partial.npz"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(ValueError, match=f"{partial}: not a readable partial run"):
+        matrix.execute(seed1, tmp_path)
+    state = json.dumps({"stem": seed0.stem, "config": {}})
+    with open(partial, "wb") as f:
+        np.savez(f, state=np.array(state))
+    with pytest.raises(ValueError, match="a partial run of another stem and config than this run's"):
+        matrix.execute(seed1, tmp_path)
+    assert not (tmp_path / "runs" / f"{seed1.stem}.json").exists()
+
+
+@pytest.mark.tf
 def test_tables_and_readme_from_runs(tiny_runs, tmp_path):
     out, _, _ = tiny_runs
     folder = tmp_path / "results"

@@ -220,8 +220,11 @@ class TorchDEKM(TorchPortAdapter):
                       flatten=not self.config.convolution)
         return prepared(x, y, cluster_batch, self.config.batch_size)
 
-    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
-        """``ports.dekm.train.fit`` on the own-loop data (:func:`fit_records`)."""
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None, epochs: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+        """``ports.dekm.train.fit`` on the own-loop data (:func:`fit_records`); the whole loop only (its refits
+        carry state beyond weights and optimizer: no ``epochs`` range)."""
+        if epochs is not None:
+            raise Unsupported(f"{self.name}: DEKM's loop runs whole (no epochs={epochs} range)")
         from ports.dekm import train
 
         return fit_records(train.fit, self.trainer, data)
@@ -322,8 +325,11 @@ class TFReferenceDEKM:
         x, y = mnist_xy(*(raw[k] for k in ("x_train", "y_train", "x_test", "y_test")), flatten=not self.config.convolution)
         return prepared(x, y, cluster_batch, self.config.batch_size)
 
-    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
-        """``reference_tf.dekm.train.fit`` on the own-loop data (:func:`fit_records`)."""
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None, epochs: tuple[int, int] | None = None) -> list[dict[str, Any]]:
+        """``reference_tf.dekm.train.fit`` on the own-loop data (:func:`fit_records`); the whole loop only (its refits
+        carry state beyond weights and optimizer: no ``epochs`` range)."""
+        if epochs is not None:
+            raise Unsupported(f"{self.name}: DEKM's loop runs whole (no epochs={epochs} range)")
         from reference_tf.dekm import train
 
         return fit_records(train.fit, self.trainer, data)

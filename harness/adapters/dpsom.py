@@ -180,12 +180,14 @@ class TorchDPSOM(TorchPortAdapter):
                 "data.eval_batches": batch_rows(pdata.batches(np.arange(len(d.x_eval)), B), B)}
 
     # --- own loop and evaluation (harness/tier_ownloop.py, harness/tier_eval.py) ---------------------
-    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None, epochs: tuple[int, int] | None = None) -> list[dict[str, Any]]:
         """``ports.dpsom.train.fit`` over the config's schedule (no checkpoints), one record per step."""
         from ports.dpsom import train
 
         records: list[dict[str, Any]] = []
-        train.fit(self.trainer, np.asarray(data["x_train"]), None, eps=eps, on_step=records.append, progress=False)
+        start, stop = epochs or (0, None)
+        train.fit(self.trainer, np.asarray(data["x_train"]), None, eps=eps, on_step=records.append, progress=False,
+                  start_at=start, stop_after=stop)
         return records
 
     def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
@@ -335,14 +337,16 @@ class TFReferenceDPSOM:
                 "data.eval_batches": taken(len(d.x_eval), len(d.x_eval) // B, 1)}
 
     # --- own loop and evaluation (harness/tier_ownloop.py, harness/tier_eval.py) ---------------------
-    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None, epochs: tuple[int, int] | None = None) -> list[dict[str, Any]]:
         """``reference_tf.dpsom.train.Trainer.fit`` over the config's schedule, one record per step
         (``data``: ``x_train``, and ``x_val`` for the native logging-run replay when ``eps`` is None)."""
         from types import SimpleNamespace
 
         records: list[dict[str, Any]] = []
+        start, stop = epochs or (0, None)
         self.trainer.fit(SimpleNamespace(**{k: np.asarray(v) for k, v in data.items()}), progress=False, evaluate_at_end=False,
-                         replay_rng=eps is None and "x_val" in data, eps=eps, on_step=records.append)
+                         replay_rng=eps is None and "x_val" in data, eps=eps, on_step=records.append, start_at=start,
+                         stop_after=stop)
         return records
 
     def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:

@@ -296,7 +296,7 @@ class TorchPortAdapter:
         raise Unsupported(f"{type(self).__name__} does not provide prepare_data() (its own data path)")
 
     # --- optional: own training loop and evaluation (harness/tier_ownloop.py, harness/tier_eval.py) ---
-    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None) -> list[dict[str, Any]]:
+    def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None, epochs: tuple[int, int] | None = None) -> list[dict[str, Any]]:
         raise Unsupported(f"{type(self).__name__} does not run its own training loop for the harness (fit_records)")
 
     def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:

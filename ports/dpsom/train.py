@@ -305,7 +305,7 @@ def run_epoch(trainer: Trainer, epoch: Epoch, x_train: np.ndarray, eps: EpsSourc
 
 def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: bool = False, log_every: int = 1,
         eps: EpsSource | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
-        progress: bool = True, overwrite: bool = False) -> list[dict[str, float]]:
+        progress: bool = True, overwrite: bool = False, start_at: int = 0, stop_after: int | None = None) -> list[dict[str, float]]:
     """Run the whole schedule with progress bars, TensorBoard scalars, a checkpoint per epoch, resume.
 
     A non-finite loss term stops training with the step, phase and term named; the last checkpoint
@@ -315,6 +315,9 @@ def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: boo
     memory). ``eps`` / ``on_step``: the hooks above; the record ``on_step`` receives holds ``phase``
     (name), ``epoch`` (index in the schedule), ``global_step`` (after the step), ``lr_feed``, ``lr``
     (effective), ``p`` and ``p_step`` (:func:`run_epoch`) and every loss term of the phase.
+    ``start_at=k`` begins at epoch k of the schedule from the trainer's current state (a run continued
+    by its caller, who restored weights and optimizer; a resumed run starts where its checkpoint
+    ends); ``stop_after=N`` stops once N epochs of the schedule are complete (a chunked run).
     """
     cfg = trainer.config
     plan = schedule(cfg)
@@ -328,12 +331,15 @@ def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: boo
         from torch.utils.tensorboard import SummaryWriter
 
         out_dir.mkdir(parents=True, exist_ok=True)
-    start = trainer.load(ckpt) if resume else 0
+    if resume and start_at:
+        raise ValueError("start_at and resume=True both say where to start: pass one")
+    start = trainer.load(ckpt) if resume else int(start_at)
+    end = len(plan) if stop_after is None else max(start, min(len(plan), int(stop_after)))
     last_good = ckpt if resume else None  # this run's: an overwritten run's checkpoint is not its own
     writer = SummaryWriter(str(out_dir / "tensorboard")) if out_dir is not None else None
     history: list[dict[str, float]] = []
     try:
-        for epoch in tqdm(plan[start:], desc="DPSOM epochs", initial=start, total=len(plan), unit="epoch", disable=not progress):
+        for epoch in tqdm(plan[start:end], desc="DPSOM epochs", initial=start, total=len(plan), unit="epoch", disable=not progress):
             bar = tqdm(run_epoch(trainer, epoch, x_train, eps), total=len(x_train) // bs, desc=f"{epoch.phase} #{epoch.index}",
                        leave=False, disable=not progress)
             for record, used in bar:

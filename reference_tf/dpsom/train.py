@@ -170,7 +170,7 @@ class Trainer:
     def fit(self, data, out_dir=None, resume: bool = False, progress: bool = True, log_every: int = 100,
             keep_checkpoints: int = 3, evaluate_at_end: bool = True, stop_after: int | None = None,
             replay_rng: bool = True, eps: Callable[[tuple[int, ...]], np.ndarray] | None = None,
-            on_step: Callable[[dict], None] | None = None, overwrite: bool = False) -> dict:
+            on_step: Callable[[dict], None] | None = None, overwrite: bool = False, start_at: int = 0) -> dict:
         """Run the whole schedule on ``data`` (:class:`reference_tf.dpsom.data.DPSOMData`-like: ``x_train``,
         ``x_eval``, ``y_eval``); returns ``{"metrics": ..., "global_step": ..., "epochs": ...}``.
 
@@ -180,7 +180,8 @@ class Trainer:
         refused unless ``overwrite`` (:func:`check_out_dir`); a checkpoint holding a NaN/inf variable is
         never written (NonFiniteCheckpointError, the previous one kept).
         ``stop_after=N`` stops once N epochs of the schedule are complete (a chunked run; resume
-        later), without the final evaluation. ``replay_rng`` advances the native ε stream by the
+        later), without the final evaluation; ``start_at=k`` begins at epoch k from the current
+        variables (a run continued by its caller, who restored weights and optimizer state). ``replay_rng`` advances the native ε stream by the
         draws of the original's logging runs (module docstring); it needs ``data.x_val``.
 
         Hooks (optional): ``eps(shape)`` returns the ε [n, D] of the next forward the loop makes, in
@@ -204,7 +205,9 @@ class Trainer:
         plan = schedule(cfg)
         out = Path(out_dir) if out_dir is not None else None
         state_path = check_out_dir(out, resume, overwrite)
-        done, last_ckpt = 0, None  # last_ckpt: this run's newest (an overwritten run's are not its own)
+        if resume and start_at:
+            raise ValueError("start_at and resume=True both say where to start: pass one")
+        done, last_ckpt = int(start_at), None  # last_ckpt: this run's newest (an overwritten run's are not its own)
         if out is not None:
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
         if resume:
