@@ -2,7 +2,7 @@
 
 Tables live between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` markers and are generated,
 never hand-written: ``parity`` from results/parity/*-T[0-3].json (and the pipeline tiers' *-D.json, *-I.json ...), ``t4`` from results/parity/*-T4-*steps.json,
-``bench`` from results/bench/*.csv, ``timing`` (T6) from results/timing/*.json, ``schedule`` from results/schedule/*.json, ``metrics`` (T5)
+``bench`` from results/bench/*.csv, ``timing`` (T6) from results/timing/*.json, ``metrics`` (T5)
 from results/matrix/summary.csv.
 ``--check`` exits 1 (listing the stale tables) when README.md and results/ disagree; the test suite
 runs it, so CI fails on a README that does not match the stored results.
@@ -106,19 +106,6 @@ def _t4(results: Path) -> str:
     return "\n".join(lines)
 
 
-def _schedule(results: Path) -> str:
-    lines = ["| model / variant | schedule | data | seed | side | ACC | NMI | steps | ended | wall (s) | TF vs torch labels (ARI) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for path in sorted((results / "schedule").glob("*-seed*[0-9].json")):
-        d = json.loads(path.read_text())
-        for side in ("reference", "port"):
-            s = d["sides"][side]
-            m = s["metrics"]
-            lines.append(f"| {d['model']} / {d['variant']} | {d['schedule']} | {d['data']} | {d['seed']} | {side} | {m.get('acc', float('nan')):.4f} | "
-                         f"{m.get('nmi', float('nan')):.4f} | {s['steps']} | {s['end']} | {s['seconds']:.0f} | {d['agreement']['ari_tf_vs_torch']:.4f} |")
-    return "\n".join(lines)
-
-
 def _fmt(mean: float, sd: float) -> str:
     return f"{mean:.4f} ± {sd:.4f}" if sd == sd else f"{mean:.4f}"
 
@@ -146,14 +133,16 @@ def _metrics(results: Path) -> str:
         data = f"{r.dataset} (first {r.limit})" if r.limit else r.dataset
         hits = pub[(pub["model"] == r.model) & (pub["variant"] == r.variant) & (pub["dataset"] == r.dataset) & (pub["metric"] == r.metric)]
         published = "; ".join(f"{h.value:.4f} {h.implementation} [{sources.index(h.source) + 1}]" for h in hits.itertuples()) or "none"
+        ci = f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]" if r.ci_low == r.ci_low else "(no interval from one pair)"
+        seeds = f"{r.n_paired}" if r.tf_n == r.torch_n == r.n_paired else f"TF {r.tf_n}, torch {r.torch_n}; Δ over {r.n_paired} paired"
         lines.append(f"| {r.model} / {r.variant} | {data} | {r.schedule} | {r.metric} | {_fmt(r.tf_mean, r.tf_sd)} | {_fmt(r.torch_mean, r.torch_sd)} | "
-                     f"{r.diff:+.4f} [{r.ci_low:+.4f}, {r.ci_high:+.4f}] | ±{r.margin:g} | **{r.verdict}** | {r.n_paired} | "
+                     f"{r.diff:+.4f} {ci} | ±{r.margin:g} | **{r.verdict}** | {seeds} | "
                      f"{r.ari_mean:.3f} ({r.identical_seeds} identical) | {published} | {r.device} |")
     lines += ["", *[f"[{i + 1}] {s}" for i, s in enumerate(sources)]]
     return "\n".join(lines)
 
 
-RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench, "timing": _timing, "schedule": _schedule, "metrics": _metrics}
+RENDERERS = {"parity": _parity, "t4": _t4, "bench": _bench, "timing": _timing, "metrics": _metrics}
 
 
 def render(readme: str, results: Path) -> str:

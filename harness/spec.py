@@ -203,7 +203,7 @@ class ModelSpec:
         the evaluation tier's ``full=True``), and the data set's name."""
         raise NotImplementedError(f"{self.name}: no evaluation data")
 
-    # --- whole schedules (harness/schedule_run.py, harness/matrix.py) --------------------------------
+    # --- whole schedules (harness/matrix.py) --------------------------------
     def schedules(self, cfg: Any) -> dict[str, dict[str, str]]:
         """Named training schedules: config overrides per name (``original``: none; a reduced one sized
         for a CPU). None by default."""

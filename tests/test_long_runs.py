@@ -168,6 +168,15 @@ def test_port_fresh_run_over_a_checkpoint_needs_overwrite(finished_run, tmp_path
     assert len(history) == 12 and (run / "checkpoint.pt").read_bytes() != before
 
 
+def test_port_start_at_and_resume_together_are_an_error(finished_run, tmp_path):
+    """Both say where a run starts (the caller's restored state, the checkpoint's): one or the other."""
+    trainer = _trainer(6)
+    before = _snapshot(trainer)
+    with pytest.raises(ValueError, match="start_at and resume=True both say where to start"):
+        port.fit(trainer, _x(), _copy_run(finished_run, tmp_path / "run"), resume=True, start_at=2, progress=False)
+    _assert_unchanged(before, trainer)
+
+
 def test_port_batch_larger_than_the_data_is_an_error():
     with pytest.raises(ValueError, match=r"batch_size=5 is larger than the 4 training examples"):
         port.fit(_trainer(0), _x(4), None, progress=False)
@@ -368,6 +377,8 @@ def test_ref_prune_orders_epochs_by_number(ref, tmp_path):
 def test_ref_resume_and_batch_size_errors(ref, tmp_path):
     with pytest.raises(FileNotFoundError, match="resume=True but there is no .*state.json"):
         ref.trainer.fit(_ref_data(), out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(ValueError, match="start_at and resume=True both say where to start"):
+        ref.trainer.fit(_ref_data(), out_dir=tmp_path, resume=True, start_at=2, progress=False)
     with pytest.raises(ValueError, match=r"batch_size=5 is larger than the 4 training examples"):
         ref.trainer.fit(_ref_data(4), out_dir=None, progress=False)
 

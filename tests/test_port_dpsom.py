@@ -339,6 +339,67 @@ def test_run_twice_is_deterministic():
     assert records[0] == records[1]
 
 
+@pytest.fixture
+def deterministic():
+    """torch's deterministic algorithms, as every run of the suite and both CLIs set them: without them
+    the SOM-initialisation gradient (``embeddings[k]``'s backward, an accumulating index_put over
+    [B, 5] rows) differs from call to call on 2 threads (measured: last-bit differences from the 3rd
+    step of a dense run on; none on 1 thread or with the switch)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(before)
+
+
+@pytest.mark.parametrize("variant, n", [("dense", 600), ("tiny-conv", 15)])
+def test_som_init_reuses_the_frozen_encoder_exactly(variant, n, deterministic):
+    """The SOM initialisation's steps take each batch's posterior head from ``frozen_heads`` (computed
+    once: the encoder is frozen in that phase) and end bit for bit where steps that run the encoder
+    themselves end: every record, every weight, every Adam slot. ``dense``: the real MNIST shapes
+    (batch 300, the 2000 x 5150 head) on 2 batches; schedule 1 VAE + 4 x 2 SOM-init + 1 joint epochs,
+    so the cache is built after the VAE epoch, reused across stages and dropped at the joint phase."""
+    cfg = replace(get_config(variant), epochs_pretrain=1, som_init_epochs_per_stage=2, num_epochs=1)
+    x = np.random.default_rng(0).random((n, 28, 28, 1), dtype=np.float32)
+    runs, builds = [], []
+    for cached in (True, False):
+        torch.manual_seed(3)
+        trainer = Trainer(cfg, model=DPSOM(cfg))
+        if not cached:
+            trainer.frozen_heads = lambda x_train: None  # every step runs the encoder
+        else:
+            real = trainer.frozen_heads
+            trainer.frozen_heads = lambda x_train, t=trainer, real=real: builds.append(t._heads) or real(x_train)  # noqa: SLF001
+        rng = np.random.default_rng(1)
+        records = fit(trainer, x, None, eps=lambda shape, rng=rng: rng.standard_normal(shape, dtype=np.float32), progress=False)
+        state = {**{k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+                 **{f"m/{k}": v.clone() for k, v in trainer.optimizer.m.items()}}
+        runs.append((records, state))
+    assert len(builds) == 8 and builds[0] is None and all(b is builds[1] for b in builds[2:])  # built once, for 8 epochs
+    assert runs[0][0] == runs[1][0]
+    for k, v in runs[0][1].items():
+        assert torch.equal(v, runs[1][1][k]), k
+
+
+def test_frozen_heads_follow_the_encoder_weights():
+    """A change to any encoder weight (a VAE step, a copy into it) rebuilds the cache; SOM steps do not."""
+    cfg = get_config("tiny-dense")
+    trainer = Trainer(cfg, model=_model(seed=4))
+    x = np.random.default_rng(0).random((10, 28, 28, 1), dtype=np.float32)
+    first = trainer.frozen_heads(x)
+    trainer.step("som_init", x[:5], 0.1)
+    assert trainer.frozen_heads(x) is first
+    assert trainer.frozen_heads(x.copy()) is not first  # another array
+    again = trainer.frozen_heads(x)
+    with torch.no_grad():
+        trainer.model.encoder.fc1.weight.add_(1.0)
+    changed = trainer.frozen_heads(x)
+    assert changed is not again and not torch.equal(changed, again)
+    trainer.step("vae", x[:5], 0.1)
+    assert trainer.frozen_heads(x) is not changed
+    for deviation in ({"bn_mode": "batch_stats"}, {"dropout_active": True}):  # the encoder's forward is not pure
+        assert Trainer(get_config("tiny-dense", **deviation), model=_model(seed=4, **deviation)).frozen_heads(x) is None
+
+
 def test_fit_checkpoints_resumes_and_stops_on_nan(tmp_path):
     cfg = get_config("tiny-dense")
     x = np.random.default_rng(0).random((12, 28, 28, 1), dtype=np.float32)

@@ -291,7 +291,7 @@ class DEKMSpec(ModelSpec):
         seeds = np.random.Generator(np.random.PCG64(2021)).integers(0, 2**31 - 1, size=(1, OWNLOOP_CANDIDATES))
         return {"x": x, "y": y, "kmeans_seeds": seeds}, raw.name
 
-    # --- whole schedules (harness/schedule_run.py) ---------------------------------------------------
+    # --- whole schedules (harness/matrix.py) ---------------------------------------------------
     def schedules(self, cfg: Any) -> dict[str, dict[str, str]]:
         """``original``: 200 pretraining epochs, at most 14 000 clustering steps (specs/dekm.md §5.1);
         ``reduced``: 5 pretraining epochs and at most 800 clustering steps (20 refits conv, 80 dense):

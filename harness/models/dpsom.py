@@ -228,7 +228,7 @@ class DPSOMSpec(ModelSpec):
         return {"x_eval": d.x_eval, "y_eval": d.y_eval}, raw.name
 
 
-    # --- whole schedules (harness/schedule_run.py, harness/matrix.py) --------------------------------
+    # --- whole schedules (harness/matrix.py) --------------------------------
     def schedules(self, cfg: Any) -> dict[str, dict[str, str]]:
         """``original``: 15 VAE epochs, 4 x 5 SOM-initialisation epochs, 300 joint epochs (specs/dpsom.md
         §6.3); ``reduced``: 3 VAE epochs, the same four 5-epoch SOM-initialisation stages, 5 joint

@@ -358,16 +358,18 @@ class DPSOM(nn.Module):
 
     def forward(
         self, x: Tensor, eps: Tensor | None = None, *, decode: bool = True, generator: torch.Generator | None = None,
-        teacher: Mapping[str, np.ndarray] | None = None,
+        teacher: Mapping[str, np.ndarray] | None = None, head: Tensor | None = None,
     ) -> Trace:
         """All named tensors for a batch ``x`` [B, 28, 28, 1]; ``eps`` [B, D] or sampled from ``generator``.
 
         ``decode=False`` skips the decoder (SOM-initialisation steps do not need it; TF prunes it too).
         ``teacher``: continue every layer from these tensors instead of this model's own (:class:`Trace`).
+        ``head``: the posterior head's output for ``x`` where the caller already has it (encoder skipped).
         """
         out = Trace(teacher)
-        h = self.encoder(x, out, generator)
-        head = out.emit("posterior.head", self.posterior.head(h))
+        if head is None:
+            head = self.posterior.head(self.encoder(x, out, generator))
+        head = out.emit("posterior.head", head)
         mu, scale_tril = self.posterior.split(head)
         mu, scale_tril = out.emit("posterior.mu", mu), out.emit("posterior.scale_tril", scale_tril)
         if eps is None:

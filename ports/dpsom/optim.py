@@ -105,9 +105,9 @@ class TF1Adam:
         """
         t = self.global_step + 1
         self._slots()
-        for p in self.params.values():
-            if p.grad is not None:
-                self._adam.state[p]["step"].fill_(t - 1)  # Adam increments it to t
+        updated = [p for p in self.params.values() if p.grad is not None]
+        for p in updated:
+            self._adam.state[p]["step"].fill_(t - 1)  # Adam increments it to t
         # TF's step size comes from the float32 accumulators: 1 - beta2_power loses ~1e-5 relative
         # to cancellation after a few steps, so α is computed exactly as TF does and torch's own
         # bias corrections (1 - β^t in double) are divided back out of lr and ε.
@@ -118,6 +118,8 @@ class TF1Adam:
         group["lr"] = float(alpha) * bc1 / bc2_sqrt
         group["eps"] = epsilon_hat(float(self.epsilon), bc2_sqrt)
         self._adam.step()
+        for p in updated:  # the fused kernel writes in place unseen by autograd: make the version counters say so
+            torch.autograd.graph.increment_version(p)
         self.beta1_power = F32(self.beta1_power * self.beta1)
         self.beta2_power = F32(self.beta2_power * self.beta2)
         self.global_step = t

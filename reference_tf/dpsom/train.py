@@ -204,9 +204,9 @@ class Trainer:
                              "(the remainder is dropped), so nothing would train")
         plan = schedule(cfg)
         out = Path(out_dir) if out_dir is not None else None
-        state_path = check_out_dir(out, resume, overwrite)
         if resume and start_at:
             raise ValueError("start_at and resume=True both say where to start: pass one")
+        state_path = check_out_dir(out, resume, overwrite)
         done, last_ckpt = int(start_at), None  # last_ckpt: this run's newest (an overwritten run's are not its own)
         if out is not None:
             (out / "checkpoints").mkdir(parents=True, exist_ok=True)
