@@ -6,6 +6,11 @@
 Warm-up: 3 steps (graph/kernel caches, allocator); measured: 15 rounds of 1 step (the median is
 stable to ~3 % at 15; at 5 it moved by 10 % between runs). On a GPU the torch
 step is synchronised before the timer stops. Batch 300, full-size models, one fixed batch and ε.
+
+``som_init_loop``: a SOM-initialisation step as each side's OWN loop takes it after the phase's first
+epoch: the port's takes the batch's posterior head from ``Trainer.frozen_heads`` (the encoder is
+frozen in that phase; the same floats, tests/test_port_dpsom.py), the reference's runs the
+original's whole graph as every step does.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ def variant(request):
     return request.param
 
 
-@pytest.mark.parametrize("phase", ["vae", "som_init", "joint"])
+@pytest.mark.parametrize("phase", ["vae", "som_init", "som_init_loop", "joint"])
 @pytest.mark.parametrize("kind", ["torch", "tf"])
 def test_step(benchmark, kind, variant, phase):
     side = _side(kind, variant)
@@ -49,8 +54,19 @@ def test_step(benchmark, kind, variant, phase):
         if torch.cuda.is_available():
             sync = torch.cuda.synchronize
 
+    if phase == "som_init_loop" and kind == "torch":
+        trainer, head = side.trainer, side.trainer.frozen_heads(x)
+
+        def step() -> None:
+            trainer.step("som_init", x, LR["som_init"], eps=eps, head=head)
+    else:
+        name = phase.removesuffix("_loop")
+
+        def step() -> None:
+            side.step(name, {"x": x, "eps": eps, "p": p}, LR[name])
+
     def one_step():
-        side.step(phase, {"x": x, "eps": eps, "p": p}, LR[phase])
+        step()
         if sync is not None:
             sync()
 

@@ -106,12 +106,12 @@ def test_lr_decay_skipped_in_som_init_is_named_at_its_first_step(monkeypatch):
 
     step = train.Trainer.step
 
-    def undecayed_som_init(self, phase, x, lr_feed, eps=None, p=None):  # the bug: constant LR in the SOM-init stages
+    def undecayed_som_init(self, phase, x, lr_feed, **kw):  # the bug: constant LR in the SOM-init stages
         if phase != "som_init":
-            return step(self, phase, x, lr_feed, eps=eps, p=p)
+            return step(self, phase, x, lr_feed, **kw)
         with pytest.MonkeyPatch.context() as m:
             m.setattr(train, "effective_learning_rate", lambda lr, *args: np.float32(lr))
-            return step(self, phase, x, lr_feed, eps=eps, p=p)
+            return step(self, phase, x, lr_feed, **kw)
 
     monkeypatch.setattr(train.Trainer, "step", undecayed_som_init)
     sections = _run()
