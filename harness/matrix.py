@@ -45,8 +45,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 STORED = ROOT / "results" / "matrix"
 FRAMEWORKS = {"tf": "reference", "torch": "port"}  # framework -> the side that runs it
-RUN_KEYS = ("model", "variant", "dataset", "schedule", "frameworks", "seeds", "limit")
-OPTIONAL = {"limit": 0}  # limit: train on the first N examples of the schedule's data (0: all)
+RUN_KEYS = ("model", "variant", "dataset", "schedule", "frameworks", "seeds", "limit", "port")
+# limit: train on the first N examples of the schedule's data (0: all); port: "pkg.module:factory", a
+# user's port (factory(config, dtype) -> PortSide, as ``nox -s parity -- --port-adapter``) run as the
+# torch framework in place of the model's own; its TF runs are the reference's, shared with every port
+OPTIONAL = {"limit": 0, "port": ""}
 # threads and OpenMP wait policy of every job (recorded in each run): a spinning OpenMP pool that
 # loses its core to a neighbouring job stalls every parallel region (issue 11's measurement)
 JOB_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
@@ -61,11 +64,13 @@ class Run:
     framework: str
     seed: int
     limit: int = 0
+    port: str = ""  # the torch side's factory ("": the model's own port); always "" for tf
 
     @property
     def stem(self) -> str:
         data = f"{self.dataset}-n{self.limit}" if self.limit else self.dataset
-        return f"{self.model}-{self.variant}-{data}-{self.schedule}-seed{self.seed}-{self.framework}"
+        port = f"-{self.port.replace(':', '.')}" if self.port else ""
+        return f"{self.model}-{self.variant}-{data}-{self.schedule}-seed{self.seed}-{self.framework}{port}"
 
 
 @dataclass(frozen=True)
@@ -112,7 +117,13 @@ def load_matrix(path: Path) -> Matrix:
             raise ValueError(f"{where}: seeds must be a non-empty list of non-negative integers, got {e['seeds']!r}")
         if not isinstance(e["limit"], int) or e["limit"] < 0:
             raise ValueError(f"{where}: limit must be a non-negative integer (0: all the data), got {e['limit']!r}")
-        runs += [Run(e["model"], e["variant"], str(e["dataset"]), e["schedule"], f, s, e["limit"])
+        if not isinstance(e["port"], str):
+            raise ValueError(f"{where}: port must be a string 'pkg.module:factory', got {e['port']!r}")
+        if e["port"]:
+            from harness.parity import load_factory
+
+            load_factory(e["port"], f"{where}: port")  # importable now, not an error in every job later
+        runs += [Run(e["model"], e["variant"], str(e["dataset"]), e["schedule"], f, s, e["limit"], e["port"] if f == "torch" else "")
                  for s in e["seeds"] for f in e["frameworks"]]
     eq = doc.get("equivalence", {})
     alpha, margins = eq.get("alpha", 0.05), eq.get("margin", {})
@@ -169,7 +180,14 @@ def execute(run: Run, out: Path, threads: int | None = None) -> dict[str, Any]:
     shapes = {k: v.shape for k, v in spec.make_port(cfg).get_weights().items()}
     weights = spec.draw_weights(shapes, np.random.Generator(np.random.PCG64([run.seed, 2])))
     noise = NoiseStream([run.seed, 3])
-    side = spec.make_reference(cfg) if FRAMEWORKS[run.framework] == "reference" else spec.make_port(cfg, "float32")
+    if FRAMEWORKS[run.framework] == "reference":
+        side = spec.make_reference(cfg)
+    elif run.port:
+        from harness.parity import load_factory
+
+        side = load_factory(run.port, f"{run.stem}: port")(cfg, "float32")
+    else:
+        side = spec.make_port(cfg, "float32")
     partial = out / "runs" / f"{run.stem}.partial.npz"
     try:
         side.set_weights(weights)

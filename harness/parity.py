@@ -41,17 +41,18 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def load_factory(target: str):
-    """``pkg.module:factory`` -> the callable ``factory(config, dtype) -> PortSide``."""
+def load_factory(target: str, option: str = "--port-adapter"):
+    """``pkg.module:factory`` -> the callable ``factory(config, dtype) -> PortSide``; a ValueError
+    naming ``option`` (where the target came from) when it is malformed or cannot be imported."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise SystemExit(f"--port-adapter {target!r}: expected 'pkg.module:factory'")
+        raise ValueError(f"{option} {target!r}: expected 'pkg.module:factory'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise SystemExit(f"--port-adapter {target!r}: cannot import {module_name!r} ({err})") from None
+        raise ValueError(f"{option} {target!r}: cannot import {module_name!r} ({err})") from None
     if not hasattr(module, attr):
-        raise SystemExit(f"--port-adapter {target!r}: {module_name} has no {attr!r}")
+        raise ValueError(f"{option} {target!r}: {module_name} has no {attr!r}")
     return getattr(module, attr)
 
 
@@ -282,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         bad = [v for v in args.variant or [] if v not in spec.variants]
         if bad:
             raise SystemExit(f"--variant {bad}: not a variant of {model}; known: {list(spec.variants)}")
-        make_port = load_factory(args.port_adapter) if args.port_adapter else None
+        try:
+            make_port = load_factory(args.port_adapter) if args.port_adapter else None
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
         if args.port_overrides:
             base = make_port or (lambda c, dtype, spec=spec: spec.make_port(c, dtype))
             make_port = lambda c, dtype, base=base, spec=spec: base(spec.replace_config(c, args.port_overrides), dtype)  # noqa: E731

@@ -135,7 +135,8 @@ def _metrics(results: Path) -> str:
         published = "; ".join(f"{h.value:.4f} {h.implementation} [{sources.index(h.source) + 1}]" for h in hits.itertuples()) or "none"
         ci = f"[{r.ci_low:+.4f}, {r.ci_high:+.4f}]" if r.ci_low == r.ci_low else "(no interval from one pair)"
         seeds = f"{r.n_paired}" if r.tf_n == r.torch_n == r.n_paired else f"TF {r.tf_n}, torch {r.torch_n}; Δ over {r.n_paired} paired"
-        lines.append(f"| {r.model} / {r.variant} | {data} | {r.schedule} | {r.metric} | {_fmt(r.tf_mean, r.tf_sd)} | {_fmt(r.torch_mean, r.torch_sd)} | "
+        port = f" (port {r.port})" if isinstance(r.port, str) and r.port else ""  # "" reads back as NaN
+        lines.append(f"| {r.model} / {r.variant}{port} | {data} | {r.schedule} | {r.metric} | {_fmt(r.tf_mean, r.tf_sd)} | {_fmt(r.torch_mean, r.torch_sd)} | "
                      f"{r.diff:+.4f} {ci} | ±{r.margin:g} | **{r.verdict}** | {seeds} | "
                      f"{r.ari_mean:.3f} ({r.identical_seeds} identical) | {published} | {r.device} |")
     lines += ["", *[f"[{i + 1}] {s}" for i, s in enumerate(sources)]]

@@ -1,7 +1,7 @@
 """Tier T5, the tables: the runs of harness/matrix.py -> one row per run, the comparison per metric
 with an equivalence verdict, and figures. ``python -m harness.t5_table [--runs results/matrix]``.
 
-Per (model, variant, dataset, schedule) and metric: mean ± sd (ddof 1) over seeds per framework;
+Per (model, variant, dataset, schedule, port) and metric: mean ± sd (ddof 1) over seeds per framework;
 the TF-minus-torch difference paired by seed (same weights and noise at one seed) with its
 (1 − 2α) interval; a paired TOST (statsmodels ``ttost_paired``) against the margin declared in
 ``matrix.toml`` and a paired t-test (scipy ``ttest_rel``):
@@ -14,7 +14,8 @@ Identical differences on every seed (sd 0, where the t statistics are undefined)
 equivalent when |d| < margin, else different. Also per seed: ARI between the two frameworks'
 assignments and whether they are identical. Written (atomically): ``<runs>/runs.csv``,
 ``<runs>/summary.csv``, ``<runs>/figures/*.png``. The README table (harness/readme.py) renders
-``summary.csv``.
+``summary.csv``. ``port``: "" for the model's own port, else the factory a user's port ran through
+(matrix.toml ``port``); the reference's runs are paired with every port's (:func:`by_port`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from harness.matrix import ROOT, STORED, load_matrix
 # column -> the type every stored run must have (checked on load; the error names the file)
 SCHEMA = {"model": str, "variant": str, "dataset": str, "schedule": str, "framework": str, "seed": int, "limit": int,
           "steps": int, "train_seconds": float, "eval_seconds": float, "device": str, "threads": int, "n_evaluated": int}
-GROUP = ["model", "variant", "dataset", "limit", "schedule"]
+GROUP = ["model", "variant", "dataset", "limit", "schedule", "port"]
 PUBLISHED = Path(__file__).resolve().parent / "published.csv"
 
 
@@ -52,11 +53,20 @@ def load_runs(folder: Path) -> pd.DataFrame:
                 raise ValueError(f"{path}: {key} must be {kind.__name__}, found {value!r}")
         if not isinstance(doc.get("metrics"), dict) or not doc["metrics"]:
             raise ValueError(f"{path}: metrics must be a non-empty object, found {doc.get('metrics')!r}")
-        rows.append({**{k: doc[k] for k in SCHEMA}, "git_commit": doc.get("environment", {}).get("git_commit"),
+        rows.append({**{k: doc[k] for k in SCHEMA}, "port": doc.get("port") or "", "git_commit": doc.get("environment", {}).get("git_commit"),
                      **{f"metric.{k}": float(v) for k, v in doc["metrics"].items()}, "file": path.name})
     if not rows:
         raise FileNotFoundError(f"{folder / 'runs'}: no runs stored (python -m harness.matrix)")
     return pd.DataFrame(rows).sort_values([*GROUP, "seed", "framework"], ignore_index=True)
+
+
+def by_port(runs: pd.DataFrame) -> pd.DataFrame:
+    """The runs as the comparisons see them: the reference's runs of a group once per port that ran
+    in that group (a TF run is the same whichever port it is compared with)."""
+    torch, tf = runs[runs["framework"] != "tf"], runs[runs["framework"] == "tf"]
+    ports = torch[GROUP].drop_duplicates()
+    tf = tf.drop(columns="port").merge(ports, on=GROUP[:-1], how="left").fillna({"port": ""})
+    return pd.concat([tf, torch]).sort_values([*GROUP, "seed", "framework"], ignore_index=True)
 
 
 def agreement(folder: Path, runs: pd.DataFrame) -> pd.DataFrame:
@@ -145,8 +155,8 @@ def figures(folder: Path, runs: pd.DataFrame, specs: dict) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for key, g in runs.groupby(GROUP, sort=True):
-        model, variant, dataset, limit, schedule = key
-        stem = f"{model}-{variant}-{dataset}{f'-n{limit}' if limit else ''}-{schedule}"
+        model, variant, dataset, limit, schedule, port = key
+        stem = f"{model}-{variant}-{dataset}{f'-n{limit}' if limit else ''}-{schedule}{'-' + port.replace(':', '.') if port else ''}"
         names = [m for m in reported.get(key[0], ()) if f"metric.{m}" in g]
         fig, axes = plt.subplots(1, len(names) + 1, figsize=(4 * (len(names) + 1), 3.4), squeeze=False)
         for ax, m in zip(axes[0], names):
@@ -166,7 +176,8 @@ def figures(folder: Path, runs: pd.DataFrame, specs: dict) -> list[Path]:
         ax.set_title("each phase's loss, per-epoch mean")
         ax.set_xlabel("epoch / refit")
         ax.set_yscale("symlog")
-        fig.suptitle(f"{model} / {variant} / {dataset}{f' (first {limit})' if limit else ''} / {schedule} schedule")
+        fig.suptitle(f"{model} / {variant} / {dataset}{f' (first {limit})' if limit else ''} / {schedule} schedule"
+                     f"{f' / port {port}' if port else ''}")
         written.append(_save(fig, out_dir / f"{stem}.png"))
         proto = _prototypes(folder, g)
         if proto is not None:
@@ -236,13 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    agree = agreement(args.runs, runs)
-    summary = summarise(runs, agree, matrix.margins, matrix.alpha)
+    paired = by_port(runs)
+    agree = agreement(args.runs, paired)
+    summary = summarise(paired, agree, matrix.margins, matrix.alpha)
     _atomic_csv(runs.drop(columns=["file"]), args.runs / "runs.csv")
     _atomic_csv(agree, args.runs / "agreement.csv")
     _atomic_csv(summary, args.runs / "summary.csv")
     if not args.no_figures:
-        figures(args.runs, runs, models())
+        figures(args.runs, paired, models())
     shown = summary[summary["verdict"].notna()] if "verdict" in summary else summary
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(shown[[*GROUP, "metric", "tf_mean", "tf_sd", "torch_mean", "torch_sd", "n_paired", "diff", "verdict", "ari_mean"]]

@@ -34,11 +34,11 @@ def test_bad_arguments_are_named():
         main(["--model", "dpsom", "--variant", "dens"])
     with pytest.raises(SystemExit, match="not of the form key=value"):
         main(["--config", "prior_var"])
-    with pytest.raises(SystemExit, match="expected 'pkg.module:factory'"):
-        load_factory("tests.oddport.adapter")
-    with pytest.raises(SystemExit, match="cannot import 'no_such_module'"):
+    with pytest.raises(SystemExit, match="--port-adapter 'tests.oddport.adapter': expected 'pkg.module:factory'"):
+        main(["--port-adapter", "tests.oddport.adapter"])
+    with pytest.raises(ValueError, match="cannot import 'no_such_module'"):
         load_factory("no_such_module:factory")
-    with pytest.raises(SystemExit, match="has no 'nope'"):
+    with pytest.raises(ValueError, match="has no 'nope'"):
         load_factory("tests.oddport.adapter:nope")
 
 

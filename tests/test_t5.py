@@ -64,6 +64,9 @@ def test_stored_matrix_files_load():
     (("limit = 50", 'limit = "all"'), "limit must be a non-negative integer"),
     (("margin = { nmi = 0.01, purity = 0.01 }", "margin = { nmi = -0.01 }"), "positive float margins"),
     (("[equivalence]", "[equivalnce]"), "unknown table(s) ['equivalnce']"),
+    (('variant = "tiny-dense"', 'variant = "tiny-dense"\nport = "tests.oddport.adapter"'),
+     "[[run]] #1: port 'tests.oddport.adapter': expected 'pkg.module:factory'"),
+    (('variant = "tiny-dense"', 'variant = "tiny-dense"\nport = "tests.oddport.nowhere:factory"'), "cannot import 'tests.oddport.nowhere'"),
 ])
 def test_matrix_file_errors_name_file_entry_and_key(tmp_path, edit, message):
     path = _write(tmp_path, TINY.replace(*edit))
@@ -165,6 +168,30 @@ def test_interrupted_run_resumes_as_if_never_stopped(tiny_runs, tmp_path, monkey
         assert (doc["steps"], doc["noise_rows"]) == (ref["steps"], ref["noise_rows"]) == (60, ref["noise_rows"])
     with np.load(out / "runs" / f"{run.stem}.npz") as a, np.load(tmp_path / "runs" / f"{run.stem}.npz") as b:
         np.testing.assert_array_equal(a["assignments"], b["assignments"])
+
+
+@pytest.mark.tf
+def test_a_users_port_runs_through_the_same_matrix(tiny_runs, tmp_path):
+    """``port = "pkg.module:factory"`` runs a user's port as the torch framework, by the same job: here
+    the suite's own port through the user's factory signature (tests/oddport ``faithful``), so its run
+    must equal the suite's own torch run. Its TF runs are the reference's, shared: the table compares
+    the same TF runs with each port, and the README names the port."""
+    out, _, _ = tiny_runs
+    path = _write(tmp_path, TINY.replace('variant = "tiny-dense"', 'variant = "tiny-dense"\nport = "tests.oddport.adapter:faithful"'))
+    runs = matrix.load_matrix(path).runs
+    assert [r.stem for r in runs if r.seed == 0] == ["dpsom-tiny-dense-digits-n50-original-seed0-tf",
+                                                     "dpsom-tiny-dense-digits-n50-original-seed0-torch-tests.oddport.adapter.faithful"]
+    shutil.copytree(out / "runs", tmp_path / "runs")
+    docs = matrix.run_matrix(list(runs), tmp_path, jobs=1, threads=1, progress=False)  # the two TF runs are already there
+    assert len(docs) == 2 and {d["port"] for d in docs} == {"tests.oddport.adapter:faithful"}
+    for d in docs:
+        own = json.loads((out / "runs" / f"dpsom-tiny-dense-digits-n50-original-seed{d['seed']}-torch.json").read_text())
+        assert d["metrics"] == own["metrics"] and d["curve"] == own["curve"]
+    assert t5_table.main(["--runs", str(tmp_path), "--config", str(path), "--no-figures"]) == 0
+    summary = pd.read_csv(tmp_path / "summary.csv").fillna({"port": ""})
+    nmi = summary[summary["metric"] == "nmi"].set_index("port")
+    assert set(nmi.index) == {"", "tests.oddport.adapter:faithful"} and (nmi["n_paired"] == 2).all()
+    assert nmi.loc["", "diff"] == nmi.loc["tests.oddport.adapter:faithful", "diff"]
 
 
 def test_unusable_partial_run_is_refused_by_name(tmp_path):
