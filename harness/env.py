@@ -35,12 +35,15 @@ def seed_all(seed: int, *, deterministic: bool = True) -> dict[str, Any]:
 
         torch.manual_seed(seed)
         torch.use_deterministic_algorithms(deterministic, warn_only=False)
+        # deterministic mode also NaN-fills every torch.empty (a debugging aid: no result depends on it);
+        # measured 4.5 % of the CPU time of a dense joint step (its 2000 x 5150 head gradient and [B, D, D] buffers)
+        torch.utils.deterministic.fill_uninitialized_memory = False
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         if torch.cuda.is_available():
             os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        flags.update(torch_deterministic=deterministic, torch_tf32=False)
+        flags.update(torch_deterministic=deterministic, torch_tf32=False, torch_fill_uninitialized_memory=False)
     return flags
 
 

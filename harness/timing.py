@@ -105,7 +105,8 @@ def torch_state() -> dict[str, Any]:
             "fp32_precision_conv": getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None),
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "deterministic": torch.are_deterministic_algorithms_enabled(),
-            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(), "threads": torch.get_num_threads()}
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "fill_uninitialized_memory": torch.utils.deterministic.fill_uninitialized_memory, "threads": torch.get_num_threads()}
 
 
 def _set_torch_state(tf32: bool, cudnn_benchmark: bool, deterministic: bool, threads: int, warn_only: bool = False) -> None:
@@ -115,6 +116,7 @@ def _set_torch_state(tf32: bool, cudnn_benchmark: bool, deterministic: bool, thr
     torch.backends.cudnn.allow_tf32 = tf32
     torch.backends.cudnn.benchmark = cudnn_benchmark
     torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # as harness.env.seed_all: no result depends on it
     if torch.get_num_threads() != threads:  # resizing the pool is not free: only when it changes
         torch.set_num_threads(threads)
 
@@ -142,6 +144,7 @@ def preserved_torch_state() -> Iterator[None]:
         import torch
 
         torch.backends.cudnn.allow_tf32 = before["tf32_cudnn"]
+        torch.utils.deterministic.fill_uninitialized_memory = before["fill_uninitialized_memory"]
 
 
 # --- clocks, interleaving, statistics -----------------------------------------------------------------

@@ -404,6 +404,7 @@ def seed_everything(seed: int) -> dict[str, Any]:
     if torch.cuda.is_available():  # deterministic cuBLAS needs a fixed workspace
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # its NaN fill of every empty() changes no result, costs time
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
