@@ -14,10 +14,10 @@ be compared (ARI, harness/t5_table.py).
 Jobs go through joblib: a local process pool by default (``--jobs``), or ``--backend dask
 --address tcp://scheduler:8786`` / ``--backend ray --address auto`` for a cluster (each job imports
 the suite, so the workers need it installed and the data reachable via PARITY_DATA_DIR). A finished
-run (its JSON present) is never recomputed; a run interrupted mid-schedule resumes at its last
-finished epoch from ``<out>/runs/<stem>.partial.npz`` (:func:`_train`). Each run is written
-atomically: ``<out>/runs/<stem>.json`` (metrics, steps, wall time, config as executed,
-environment, device, per-epoch loss means) and ``<out>/runs/<stem>.npz`` (assignments and labels,
+run (its JSON present) is never recomputed; a run interrupted mid-schedule resumes from
+``<out>/runs/<stem>.partial.npz``, written at the end of an epoch every 5 minutes of training
+(:func:`_train`). Each run is written atomically: ``<out>/runs/<stem>.json`` (metrics, steps, wall
+time, config as executed, environment, device, per-epoch loss means) and ``<out>/runs/<stem>.npz`` (assignments and labels,
 and the decoded prototypes where the model has them).
 ``--out`` defaults to runs/matrix; ``--store`` writes into results/matrix (new runs only).
 
@@ -53,6 +53,9 @@ OPTIONAL = {"limit": 0, "port": ""}
 # threads and OpenMP wait policy of every job (recorded in each run): a spinning OpenMP pool that
 # loses its core to a neighbouring job stalls every parallel region (issue 11's measurement)
 JOB_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# training seconds between two writes of a run's partial file: the conv model's weights and Adam slots
+# are 775 MB, 6.6 s per write on this machine under load (185 s of an 885 s run when written every epoch)
+CHECKPOINT_EVERY_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -154,9 +157,10 @@ def _epoch_means(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             for (p, e), t in out.items()]
 
 
-def execute(run: Run, out: Path, threads: int | None = None) -> dict[str, Any]:
+def execute(run: Run, out: Path, threads: int | None = None, checkpoint_every: float = CHECKPOINT_EVERY_S) -> dict[str, Any]:
     """One run (a joblib job): trains, evaluates and writes ``<out>/runs/<stem>.{json,npz}``; returns
-    the JSON document. Already finished: read back, nothing recomputed."""
+    the JSON document. Already finished: read back, nothing recomputed. ``checkpoint_every``: seconds
+    of training between two writes of the partial file (:func:`_train`)."""
     target = out / "runs" / f"{run.stem}.json"
     if target.exists():
         return json.loads(target.read_text())
@@ -192,7 +196,7 @@ def execute(run: Run, out: Path, threads: int | None = None) -> dict[str, Any]:
     try:
         side.set_weights(weights)
         records, train_s, checkpoint_s, resumed = _train(side, data, noise, partial, {"stem": run.stem, "config": spec.config_dict(cfg)},
-                                                         commit)
+                                                         commit, checkpoint_every)
         t0 = time.perf_counter()
         ev = spec.final_evaluation(side, cfg, data, records, noise)
         eval_s = time.perf_counter() - t0
@@ -225,13 +229,13 @@ def _scalars(record: dict[str, Any]) -> dict[str, Any]:
     return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in record.items() if not isinstance(v, np.ndarray)}
 
 
-def _train(side: Any, data: Any, noise: Any, partial: Path, identity: dict[str, Any], commit: str | None
-           ) -> tuple[list[dict[str, Any]], float, float, list[dict[str, Any]]]:
+def _train(side: Any, data: Any, noise: Any, partial: Path, identity: dict[str, Any], commit: str | None,
+           checkpoint_every: float) -> tuple[list[dict[str, Any]], float, float, list[dict[str, Any]]]:
     """The side's own loop over the whole schedule, one epoch at a time (``fit_records(epochs=)``),
-    with ``partial`` written atomically after each: weights, optimizer state, the noise stream's
-    position, the records and training seconds so far. A run interrupted mid-schedule resumes at
-    its last finished epoch and continues row for row as the uninterrupted run (test_t5 compares
-    both). A side whose loop cannot run in epochs (``Unsupported``) runs whole, without resume.
+    with ``partial`` written atomically after the first epoch that ends ``checkpoint_every`` seconds
+    of training after the last write: weights, optimizer state, the noise stream's position, the
+    records and training seconds so far. A run interrupted mid-schedule resumes at the epoch its
+    partial file ends and continues row for row as the uninterrupted run (test_t5 compares both). A side whose loop cannot run in epochs (``Unsupported``) runs whole, without resume.
     Returns (records, training seconds, seconds spent writing the partial file (this session's),
     [{epoch, commit} of every resume])."""
     from harness.protocols import Unsupported
@@ -246,7 +250,7 @@ def _train(side: Any, data: Any, noise: Any, partial: Path, identity: dict[str, 
         noise.restore(state["noise"])
         records, train_s, epoch = state["records"], state["train_seconds"], state["epochs_done"]
         resumed = state["resumed"] + [{"epoch": epoch, "commit": commit}]
-    checkpoint_s = 0.0
+    checkpoint_s, written = 0.0, train_s
     while True:
         t0 = time.perf_counter()
         try:
@@ -261,6 +265,9 @@ def _train(side: Any, data: Any, noise: Any, partial: Path, identity: dict[str, 
             return records, train_s, checkpoint_s, resumed
         records += [_scalars(r) for r in chunk]
         epoch += 1
+        if train_s - written < checkpoint_every:
+            continue
+        written = train_s
         state = {**identity, "epochs_done": epoch, "train_seconds": train_s, "noise": noise.state(), "resumed": resumed,
                  "records": records}
         arrays = {"state": np.array(json.dumps(state, default=str))}

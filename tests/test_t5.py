@@ -156,7 +156,7 @@ def test_interrupted_run_resumes_as_if_never_stopped(tiny_runs, tmp_path, monkey
     partial = tmp_path / "runs" / f"{run.stem}.partial.npz"
     monkeypatch.setattr(cls, "fit_records", killed)
     with pytest.raises(KeyboardInterrupt):
-        matrix.execute(run, tmp_path)
+        matrix.execute(run, tmp_path, checkpoint_every=0.0)  # a partial file after every epoch
     assert partial.exists() and not (tmp_path / "runs" / f"{run.stem}.json").exists()
     monkeypatch.setattr(cls, "fit_records", real)
     resumed = matrix.execute(run, tmp_path)
