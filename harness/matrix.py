@@ -197,6 +197,7 @@ def execute(run: Run, out: Path, threads: int | None = None, checkpoint_every: f
         side.set_weights(weights)
         records, train_s, checkpoint_s, resumed = _train(side, data, noise, partial, {"stem": run.stem, "config": spec.config_dict(cfg)},
                                                          commit, checkpoint_every)
+        commit = resumed[0]["started_at"] if resumed else commit  # the commit the run began at, its resumes listed
         t0 = time.perf_counter()
         ev = spec.final_evaluation(side, cfg, data, records, noise)
         eval_s = time.perf_counter() - t0
@@ -249,7 +250,8 @@ def _train(side: Any, data: Any, noise: Any, partial: Path, identity: dict[str, 
         side.set_optimizer_state(state["optimizer"])
         noise.restore(state["noise"])
         records, train_s, epoch = state["records"], state["train_seconds"], state["epochs_done"]
-        resumed = state["resumed"] + [{"epoch": epoch, "commit": commit}]
+        started = state["resumed"][0]["started_at"] if state["resumed"] else state.get("commit")
+        resumed = [{**r, "started_at": started} for r in state["resumed"]] + [{"epoch": epoch, "commit": commit, "started_at": started}]
     checkpoint_s, written = 0.0, train_s
     while True:
         t0 = time.perf_counter()
@@ -268,7 +270,8 @@ def _train(side: Any, data: Any, noise: Any, partial: Path, identity: dict[str, 
         if train_s - written < checkpoint_every:
             continue
         written = train_s
-        state = {**identity, "epochs_done": epoch, "train_seconds": train_s, "noise": noise.state(), "resumed": resumed,
+        state = {**identity, "commit": resumed[0]["started_at"] if resumed else commit, "epochs_done": epoch,
+                 "train_seconds": train_s, "noise": noise.state(), "resumed": resumed,
                  "records": records}
         arrays = {"state": np.array(json.dumps(state, default=str))}
         arrays.update({f"weight/{k}": np.asarray(v) for k, v in side.get_weights().items()})

@@ -163,6 +163,7 @@ def test_interrupted_run_resumes_as_if_never_stopped(tiny_runs, tmp_path, monkey
     monkeypatch.setattr(cls, "fit_records", whole)
     unchunked = matrix.execute(run, tmp_path / "whole")
     assert not partial.exists() and [r["epoch"] for r in resumed["resumed"]] == [3] and unchunked["resumed"] == []
+    assert resumed["resumed"][0]["started_at"] == resumed["environment"]["git_commit"]  # the commit the run began at
     for doc in (resumed, unchunked):
         assert doc["metrics"] == ref["metrics"] and doc["curve"] == ref["curve"]
         assert (doc["steps"], doc["noise_rows"]) == (ref["steps"], ref["noise_rows"]) == (60, ref["noise_rows"])
