@@ -17,8 +17,8 @@ the suite, so the workers need it installed and the data reachable via PARITY_DA
 run (its JSON present) is never recomputed; a run interrupted mid-schedule resumes from
 ``<out>/runs/<stem>.partial.npz``, written at the end of an epoch every 5 minutes of training
 (:func:`_train`). Each run is written atomically: ``<out>/runs/<stem>.json`` (metrics, steps, wall
-time, config as executed, environment, device, per-epoch loss means) and ``<out>/runs/<stem>.npz`` (assignments and labels,
-and the decoded prototypes where the model has them).
+time, config as executed, environment, device, per-epoch loss means) and ``<out>/runs/<stem>.npz``
+(assignments and labels, and the decoded prototypes where the model has them).
 ``--out`` defaults to runs/matrix; ``--store`` writes into results/matrix (new runs only).
 
 Run a long matrix from a snapshot of the code (``git worktree add --detach ../snapshot HEAD``, then
@@ -236,9 +236,10 @@ def _train(side: Any, data: Any, noise: Any, partial: Path, identity: dict[str, 
     with ``partial`` written atomically after the first epoch that ends ``checkpoint_every`` seconds
     of training after the last write: weights, optimizer state, the noise stream's position, the
     records and training seconds so far. A run interrupted mid-schedule resumes at the epoch its
-    partial file ends and continues row for row as the uninterrupted run (test_t5 compares both). A side whose loop cannot run in epochs (``Unsupported``) runs whole, without resume.
-    Returns (records, training seconds, seconds spent writing the partial file (this session's),
-    [{epoch, commit} of every resume])."""
+    partial file ends and continues row for row as the uninterrupted run (test_t5 compares both).
+    A side whose loop cannot run in epochs (``Unsupported``) runs whole, without resume. Returns
+    (records, training seconds, seconds spent writing the partial file (this session's),
+    [{epoch, commit, started_at} of every resume])."""
     from harness.protocols import Unsupported
 
     identity = json.loads(json.dumps(identity, default=str))  # as it reads back from the partial file
