@@ -90,8 +90,11 @@ class Trainer:
 
     def begin_phase(self, phase: str) -> None:
         """Called when the phase changes. Nothing is reset: the original's one Adam (slots, β powers,
-        global step) carries over from VAE pretraining to SOM initialisation to joint training."""
+        global step) carries over from VAE pretraining to SOM initialisation to joint training. Leaving
+        the SOM initialisation frees :meth:`frozen_heads`' cache (N x 5150 floats: 1 GB on MNIST)."""
         self.phase = phase
+        if phase != "som_init":
+            self._heads = None
 
     @property
     def device(self) -> torch.device:
