@@ -22,6 +22,11 @@ Why it is built this way:
   (the DPSOM port's oneDNN GEMMs on CPU are not aten ops the counter would see).
 * **Floor.** The device's float32 GEMM peak is measured (a large matmul, TF32 as the mode says); FLOPs /
   peak is the time a step cannot beat, reported as % of the measured median.
+* **A shared machine** (``--compete N``): N CPU-bound processes (a pure-Python spin each: no memory
+  traffic, no threads of its own) run for the whole measurement, as on a CI runner or a laptop doing other
+  work. Each competitor's CPU seconds are read back when it is killed (``os.wait4``) and stored, so a
+  result shows the competition really took its share; the load average before the run is stored too,
+  so a "quiet" result says how quiet. N is part of the key and of the file name.
 * **Profile** (``--profile``): ``torch.profiler`` times attributed to canonical layer names from the
   mapping table: forward as a range around each mapped module, backward as the autograd nodes matched to
   their forward op by sequence number; summed per top-level name too.
@@ -78,20 +83,50 @@ class Settings:
     deterministic: bool
     threads: int
     omp_wait_policy: str  # as the environment holds it ("unset": the OpenMP runtime's default)
+    competing: int = 0  # CPU-bound processes running beside the measurement (``competing``)
 
     @classmethod
-    def for_mode(cls, mode: str, device: str, threads: int | None = None) -> Settings:
+    def for_mode(cls, mode: str, device: str, threads: int | None = None, competing: int = 0) -> Settings:
         import torch
 
         if mode not in MODES:
             raise KeyError(f"unknown mode {mode!r}; known: {sorted(MODES)}")
         return cls(device=device, mode=mode, threads=threads or torch.get_num_threads(),
-                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"), **MODES[mode])
+                   omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "unset"), competing=competing, **MODES[mode])
 
     @property
     def key(self) -> str:
         return (f"{self.device}-{self.mode}-tf32_{int(self.tf32)}-cudnn_benchmark_{int(self.cudnn_benchmark)}-"
-                f"deterministic_{int(self.deterministic)}-threads_{self.threads}-omp_{self.omp_wait_policy}")
+                f"deterministic_{int(self.deterministic)}-threads_{self.threads}-omp_{self.omp_wait_policy}{compete_suffix(self.competing)}")
+
+
+def compete_suffix(n: int) -> str:
+    """What N competing processes add to a key and a file name (nothing for a quiet run)."""
+    return f"-compete_{n}" if n else ""
+
+
+COMPETITOR = "while True:\n    pass\n"  # CPU-bound, single-threaded, touches no memory to speak of
+
+
+@contextlib.contextmanager
+def competing(n: int) -> Iterator[list[dict[str, float]]]:
+    """``n`` CPU-bound processes running for the duration of the block, then killed. The yielded list is
+    filled on exit with each one's wall and CPU seconds (``os.wait4``'s rusage), so the result can show
+    the competition really ran."""
+    if n < 0:
+        raise ValueError(f"--compete {n}: expected a number of processes >= 0")
+    procs = [subprocess.Popen([sys.executable, "-c", COMPETITOR], stdin=subprocess.DEVNULL) for _ in range(n)]
+    started = time.perf_counter()
+    stats: list[dict[str, float]] = []
+    try:
+        yield stats
+    finally:
+        wall = time.perf_counter() - started
+        for proc in procs:
+            proc.kill()
+            _, _, usage = os.wait4(proc.pid, 0)
+            proc.returncode = -9  # reaped here: Popen must not wait for it again
+            stats.append({"pid": proc.pid, "wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime})
 
 
 def torch_state() -> dict[str, Any]:
@@ -418,8 +453,8 @@ def _reference_settings(device: str) -> dict[str, Any]:
     return out
 
 
-def result_path(out: Path, model: str, variant: str, device: str, mode: str) -> Path:
-    return Path(out) / f"{model}-{variant}-{device.replace(':', '')}-{mode}.json"
+def result_path(out: Path, model: str, variant: str, device: str, mode: str, compete: int = 0) -> Path:
+    return Path(out) / f"{model}-{variant}-{device.replace(':', '')}-{mode}{compete_suffix(compete).replace('_', '')}.json"
 
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
@@ -430,9 +465,56 @@ def write_json(path: Path, doc: Mapping[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _time_phases(spec: Any, arms: Sequence[Arm], batch: Mapping[str, np.ndarray], meta: Any, repeats: int, warmup: int,
+                 profile: bool, phases: dict[str, dict[str, Any]], profiles: dict[str, dict[str, Any]],
+                 applied: dict[str, dict[str, Any]], peaks: Mapping[tuple[str, bool], dict[str, Any]]) -> None:
+    """Every phase of ``spec``, its arms interleaved; fills ``phases`` / ``profiles`` / ``applied`` per arm label."""
+    by_label = {arm.label: arm for arm in arms}
+    for phase in spec.phases:
+        flops = count_flops(meta, phase.loss, batch)
+        finite = {arm.label: True for arm in arms}
+        failed: dict[str, str] = {}
+
+        def run_one(label: str, phase=phase, finite=finite, failed=failed) -> float:
+            arm = by_label[label]
+            if label in failed:  # out of the rotation for this phase
+                return math.nan
+            if arm.settings is not None:
+                applied[label] = apply(arm.settings)
+            record: dict[str, Any] = {}
+            try:
+                seconds = clock(arm.device if arm.framework == "torch" else "cpu")(
+                    lambda: record.update(arm.side.step(phase.name, batch, phase.lr_feed)))
+            except (RuntimeError, MemoryError) as err:  # out of memory, a kernel exact mode refuses: recorded, not retried
+                failed[label] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+                return math.nan
+            finite[label] &= _finite(record)
+            return seconds
+
+        _, seconds = run_interleaved([arm.label for arm in arms], repeats, warmup, run_one)
+        medians = {label: float(np.median(s)) for label, s in seconds.items() if label not in failed}
+        for arm in arms:
+            if arm.label in failed:
+                phases[arm.label][phase.name] = {"error": failed[arm.label], "n": 0, "flops": flops["flops"], "loss": phase.loss,
+                                                 "lr_feed": phase.lr_feed}
+                continue
+            stats = summarise(seconds[arm.label])
+            peak = peaks[(arm.device, bool(arm.settings and arm.settings.tf32))]
+            floor = flops["flops"] / peak["flops_per_s"]
+            phases[arm.label][phase.name] = {
+                **stats, "flops": flops["flops"], "flops_by_op": flops["by_op"], "floor_s": floor,
+                "pct_of_floor": 100.0 * floor / stats["median_s"], "finite": finite[arm.label], "loss": phase.loss,
+                "lr_feed": phase.lr_feed, "seconds": seconds[arm.label],
+                "ratio_to": {o: stats["median_s"] / m for o, m in medians.items() if o != arm.label}}
+            if profile and arm.framework == "torch":
+                apply(arm.settings)
+                profiles[arm.label][phase.name] = profile_step(arm.side, lambda arm=arm, phase=phase: arm.side.step(
+                    phase.name, batch, phase.lr_feed), arm.device)
+
+
 def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("exact",), reference: bool = False,
         repeats: int = REPEATS, warmup: int = WARMUP, threads: int | None = None, seed: int = 0, dataset: str | None = None,
-        profile: bool = False, gemm_n: int | None = None, out: Path | None = RESULTS) -> list[dict[str, Any]]:
+        profile: bool = False, gemm_n: int | None = None, out: Path | None = RESULTS, compete: int = 0) -> list[dict[str, Any]]:
     """Time every phase of ``model``/``variant`` for each arm; one document per arm, written to ``out``
     (None: not written). See the module docstring for what is measured and why."""
     import torch
@@ -446,7 +528,8 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
     spec = get_spec(model)
     cfg = spec.get_config(variant)
     threads = threads or torch.get_num_threads()
-    arms = [Arm(mode, spec.make_port(cfg, "float32", device), "torch", device, Settings.for_mode(mode, device, threads)) for mode in modes]
+    arms = [Arm(mode, spec.make_port(cfg, "float32", device), "torch", device, Settings.for_mode(mode, device, threads, compete))
+            for mode in modes]
     if reference:
         ref = spec.make_reference(cfg, "float32")
         tf = sys.modules.get("tensorflow")
@@ -456,66 +539,29 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
     for arm in arms:
         arm.side.set_weights(weights)
     meta = spec.make_port(cfg, "float32", "meta")  # FLOPs: shapes only
-    by_label = {arm.label: arm for arm in arms}
     phases: dict[str, dict[str, dict[str, Any]]] = {arm.label: {} for arm in arms}
     profiles: dict[str, dict[str, Any]] = {arm.label: {} for arm in arms}
     applied: dict[str, dict[str, Any]] = {}
     peaks: dict[tuple[str, bool], dict[str, Any]] = {}
+    load_before = os.getloadavg()
     with preserved_torch_state():
-        for arm in arms:
+        for arm in arms:  # the device's peak: measured before any competitor starts
             key = (arm.device, bool(arm.settings and arm.settings.tf32))
             if key not in peaks:
                 if arm.settings is not None:
                     apply(arm.settings)
                 peaks[key] = gemm_peak(arm.device, key[1], gemm_n)
-        for phase in spec.phases:
-            flops = count_flops(meta, phase.loss, batch)
-            finite = {arm.label: True for arm in arms}
-            failed: dict[str, str] = {}
-
-            def run_one(label: str, phase=phase, finite=finite, failed=failed) -> float:
-                arm = by_label[label]
-                if label in failed:  # out of the rotation for this phase
-                    return math.nan
-                if arm.settings is not None:
-                    applied[label] = apply(arm.settings)
-                record: dict[str, Any] = {}
-                try:
-                    seconds = clock(arm.device if arm.framework == "torch" else "cpu")(
-                        lambda: record.update(arm.side.step(phase.name, batch, phase.lr_feed)))
-                except (RuntimeError, MemoryError) as err:  # out of memory, a kernel exact mode refuses: recorded, not retried
-                    failed[label] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
-                    return math.nan
-                finite[label] &= _finite(record)
-                return seconds
-
-            _, seconds = run_interleaved([arm.label for arm in arms], repeats, warmup, run_one)
-            medians = {label: float(np.median(s)) for label, s in seconds.items() if label not in failed}
-            for arm in arms:
-                if arm.label in failed:
-                    phases[arm.label][phase.name] = {"error": failed[arm.label], "n": 0, "flops": flops["flops"], "loss": phase.loss,
-                                                     "lr_feed": phase.lr_feed}
-                    continue
-                stats = summarise(seconds[arm.label])
-                peak = peaks[(arm.device, bool(arm.settings and arm.settings.tf32))]
-                floor = flops["flops"] / peak["flops_per_s"]
-                phases[arm.label][phase.name] = {
-                    **stats, "flops": flops["flops"], "flops_by_op": flops["by_op"], "floor_s": floor,
-                    "pct_of_floor": 100.0 * floor / stats["median_s"], "finite": finite[arm.label], "loss": phase.loss,
-                    "lr_feed": phase.lr_feed, "seconds": seconds[arm.label],
-                    "ratio_to": {o: stats["median_s"] / m for o, m in medians.items() if o != arm.label}}
-                if profile and arm.framework == "torch":
-                    apply(arm.settings)
-                    profiles[arm.label][phase.name] = profile_step(arm.side, lambda arm=arm, phase=phase: arm.side.step(
-                        phase.name, batch, phase.lr_feed), arm.device)
+        with competing(compete) as competitors:
+            _time_phases(spec, arms, batch, meta, repeats, warmup, profile, phases, profiles, applied, peaks)
     env = environment(device)
     docs = []
     for arm in arms:
-        settings = asdict(arm.settings) if arm.settings else _reference_settings(arm.device)
+        settings = asdict(arm.settings) if arm.settings else {**_reference_settings(arm.device), "competing": compete}
         doc = {
             "schema": SCHEMA, "model": model, "variant": variant, "device": arm.device, "mode": arm.label, "framework": arm.framework,
             "key": arm.settings.key if arm.settings else (f"{arm.device}-{REFERENCE}-tf32_{int(settings['tf32'])}-intra_"
-                                                          f"{settings['intra_op_threads']}-inter_{settings['inter_op_threads']}-omp_{settings['omp_wait_policy']}"),
+                                                          f"{settings['intra_op_threads']}-inter_{settings['inter_op_threads']}-omp_{settings['omp_wait_policy']}"
+                                                          f"{compete_suffix(compete)}"),
             "settings": settings, "applied": applied.get(arm.label), "environment": {**env, "device": arm.device},
             "peak": peaks[(arm.device, bool(arm.settings and arm.settings.tf32))], "arms": [a.label for a in arms],
             "order": "interleaved round robin (A B A B ...) after per-arm warm-up", "warmup": warmup, "repeats": repeats,
@@ -523,16 +569,27 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
             "flops_method": "torch.utils.flop_counter.FlopCounterMode over one forward + backward of the phase's loss, port on the meta device",
             "clock": "cuda events" if arm.device.startswith("cuda") and arm.framework == "torch" else "time.perf_counter",
             "phase_order": [p.name for p in spec.phases], "phases": phases[arm.label],
+            "load_average_before": list(load_before), "competitors": competitors,
         }
         if profile and profiles[arm.label]:
             doc["profile"] = profiles[arm.label]
         if out is not None:
-            write_json(result_path(out, model, variant, arm.device, arm.label), doc)
+            write_json(result_path(out, model, variant, arm.device, arm.label, compete), doc)
         docs.append(doc)
     return docs
 
 
 # --- README table ------------------------------------------------------------------------------------
+def _load_words(doc: Mapping[str, Any]) -> str:
+    """How loaded the machine was: the load average before, and what each competing process got."""
+    load = doc.get("load_average_before")
+    words = f"load average before {load[0]:.2f}" if load else "load not recorded"
+    shares = [c["cpu_s"] / c["wall_s"] for c in doc.get("competitors") or [] if c["wall_s"] > 0]
+    if shares:
+        words += f", {len(shares)} competing CPU-bound process(es) running throughout, using {', '.join(f'{100 * x:.0f} %' for x in shares)} of a core"
+    return words
+
+
 def markdown(folder: Path) -> str:
     """The README timing table from the stored documents in ``folder`` (results/timing)."""
     paths = sorted(Path(folder).glob("*.json"))
@@ -550,7 +607,7 @@ def markdown(folder: Path) -> str:
                      + (f", driver {env['driver']}, CUDA {env['cuda_runtime']}" if env.get("cuda_runtime") else "")
                      + f", torch {env.get('version.torch', '?')}, TF {env.get('version.tensorflow', 'not loaded')}, commit "
                      f"{str(env.get('git_commit'))[:12]}; {d['repeats']} interleaved steps per arm ({', '.join(d['arms'])}), warm-up {d['warmup']}, "
-                     f"batch {d['batch_size']}")
+                     f"batch {d['batch_size']}; {_load_words(d)}")
         for phase in d["phase_order"]:
             p = d["phases"][phase]
             if "error" in p:
@@ -584,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--gemm-n", type=int, default=None, help="size of the peak's square matmul (default 8192 CUDA, 1024 CPU)")
+    parser.add_argument("--compete", type=int, default=0, metavar="N",
+                        help="run N CPU-bound processes beside the measurement (a shared machine; default 0, recorded)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     try:
@@ -598,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             raise ValueError(f"--modes: unknown {unknown}; known: {sorted(MODES)}")
         docs = run(args.model, args.variant, args.device, modes, args.reference, args.repeats, args.warmup, args.threads, args.seed,
-                   args.dataset, args.profile, args.gemm_n, args.out)
+                   args.dataset, args.profile, args.gemm_n, args.out, args.compete)
     except USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
@@ -612,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{d['model']}-{d['variant']} {d['mode']:9s} {phase:10s} median {1e3 * p['median_s']:9.3f} ms  IQR {1e3 * p['iqr_s']:8.3f} ms  "
                   f"{p['flops'] / 1e9:8.3f} GFLOP  {p['pct_of_floor']:6.2f} % of floor")
     if args.out is not None:
-        print(f"written: {', '.join(str(result_path(args.out, d['model'], d['variant'], d['device'], d['mode'])) for d in docs)}")
+        print(f"written: {', '.join(str(result_path(args.out, d['model'], d['variant'], d['device'], d['mode'], args.compete)) for d in docs)}")
     return 0
 
 

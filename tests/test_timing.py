@@ -258,3 +258,35 @@ def test_readme_timing_table(stored, tmp_path):
     assert len(rows) == 4  # two arms x two phases
     assert any("exact (`cpu-exact-tf32_0" in r and "| pretrain |" in r for r in rows)
     assert "`dekm-tiny-dense-cpu-fast.json`" in section
+
+
+def test_competing_processes_really_compete_and_are_gone_afterwards():
+    """``--compete N``: the competitors burn CPU while the block runs (their CPU seconds, read back by
+    ``os.wait4``, near their wall time: a spin loop on its own core) and are reaped on leaving it."""
+    import os
+    import time
+
+    with timing.competing(2) as stats:
+        time.sleep(1.0)
+        assert stats == []  # filled on exit
+    assert len(stats) == 2
+    for s in stats:
+        assert s["wall_s"] >= 1.0
+        # 2 spinners + this sleeping process on >= 2 cores: each gets most of one. 0.3 of a core is far
+        # below the ~0.9-1.0 measured here (2 cores, idle) and far above an idle process's ~0.
+        assert s["cpu_s"] > 0.3 * s["wall_s"], s
+        with pytest.raises(ProcessLookupError):
+            os.kill(s["pid"], 0)  # killed and reaped: no process left behind
+    with pytest.raises(ValueError, match="--compete -1"):
+        with timing.competing(-1):
+            pass
+
+
+def test_competition_is_in_the_key_the_file_name_and_the_table(tmp_path):
+    (doc,) = timing.run("dekm", "tiny-dense", "cpu", ("exact",), repeats=2, warmup=1, threads=1, gemm_n=64, out=tmp_path, compete=1)
+    assert doc["key"].endswith("-compete_1") and doc["settings"]["competing"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["dekm-tiny-dense-cpu-exact-compete1.json"]
+    assert len(doc["competitors"]) == 1 and doc["competitors"][0]["cpu_s"] > 0
+    assert len(doc["load_average_before"]) == 3
+    assert "1 competing CPU-bound process(es) running throughout" in timing.markdown(tmp_path)
+    assert timing.Settings.for_mode("exact", "cpu", 1).key.endswith("omp_" + doc["settings"]["omp_wait_policy"])  # quiet: no suffix
