@@ -18,7 +18,7 @@ from ports.dpsom.losses import (
     neighbour_nodes,
     target_distribution,
 )
-from ports.dpsom.model import DPSOM, student_t_q
+from ports.dpsom.model import DPSOM, TriLPosterior, student_t_q
 from ports.dpsom.optim import TF1Adam, effective_learning_rate
 from ports.dpsom.train import Trainer, fit, schedule
 
@@ -73,6 +73,35 @@ def test_posterior_fill_triangular_order_and_softplus_diagonal():
     expected = [[sp(4), 0, 0], [6, sp(5), 0], [3, 2, sp(1)]]
     np.testing.assert_allclose(mu[0].detach().numpy(), [0.5, -1.0, 2.0])
     np.testing.assert_allclose(L[0].detach().numpy(), expected, rtol=1e-6)  # float32 rounding of softplus
+
+
+def _fill_scale_tril_composed(raw: torch.Tensor, d: int) -> torch.Tensor:
+    """FillScaleTriL written as TFP composes it: concat, reverse, reshape, band part, diagonal softplus."""
+    full = torch.cat([raw[:, d:], raw.flip(-1)], dim=1).view(-1, d, d)
+    scale_tril = torch.tril(full)
+    scale_tril.diagonal(dim1=-2, dim2=-1).copy_(torch.nn.functional.softplus(full.diagonal(dim1=-2, dim2=-1)) + 1e-5)
+    return scale_tril
+
+
+@pytest.mark.parametrize("d, dtype", [(3, torch.float32), (100, torch.float32), (100, torch.float64)])
+def test_fill_scale_tril_node_matches_the_composed_ops_bit_for_bit(d, dtype):
+    """The one-node FillScaleTriL (a gather backward) gives the composed ops' L and gradient exactly, so the
+    stored torch runs and baselines stay valid. Raw values span softplus' regimes (|r| up to 30 > its
+    threshold 20); the loss touches L through a matmul, its square and its log-diagonal, as the step does."""
+    gen = torch.Generator().manual_seed(d)
+    n = d * (d + 1) // 2
+    raw0 = (torch.randn(300, n, generator=gen, dtype=dtype) * 10).clamp(-30, 30)
+    eps = torch.randn(300, d, 1, generator=gen, dtype=dtype)
+    got = []
+    for fill in (lambda r: _fill_scale_tril_composed(r, d), lambda r: TriLPosterior(1, d).split(torch.cat([r[:, :d], r], 1))[1]):
+        raw = raw0.clone().requires_grad_()
+        scale_tril = fill(raw)
+        loss = (scale_tril @ eps).square().sum() + scale_tril.square().sum() - torch.log(scale_tril.diagonal(dim1=-2, dim2=-1)).sum()
+        loss.backward()
+        got.append((scale_tril.detach(), raw.grad))
+    (l_ref, g_ref), (l_new, g_new) = got
+    assert torch.equal(l_ref, l_new) and torch.equal(g_ref, g_new)
+    assert (l_new.triu(1) == 0).all() and (g_new != 0).any()
 
 
 def test_sample_is_mu_plus_scale_times_eps():

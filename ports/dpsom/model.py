@@ -30,6 +30,7 @@ canonical (TF/NHWC) layout, in execution order; whatever the order, ``*.bnN`` is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -197,14 +198,48 @@ class TriLPosterior(nn.Module):
     def split(self, head: Tensor) -> tuple[Tensor, Tensor]:
         """(mu, L) from the head's output."""
         d = self.latent_dim
-        mu, raw = head[:, :d], head[:, d:]
-        # TFP's fill_triangular itself: [r[d:], reverse(r)] reshaped to d x d, lower triangle kept
-        # (for r = 1..6: rows (4), (6, 5), (3, 2, 1)). A copy, not a gather: its backward is
-        # a flip and a slice instead of an accumulating scatter (13 ms of a 200 ms dense step).
-        full = torch.cat([raw[:, d:], raw.flip(-1)], dim=1).view(-1, d, d)
-        scale_tril = torch.tril(full)
-        scale_tril.diagonal(dim1=-2, dim2=-1).copy_(F.softplus(full.diagonal(dim1=-2, dim2=-1)) + TRIL_DIAG_SHIFT)
-        return mu, scale_tril
+        return head[:, :d], _FillScaleTriL.apply(head[:, d:], *fill_triangular_index(d, head.device))
+
+
+@functools.cache
+def fill_triangular_index(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """TFP's ``fill_triangular`` as an index: ``r`` (n = d(d+1)/2) goes to ``[r[d:], reverse(r)]``
+    reshaped to d x d, lower triangle kept (r = 1..6: rows (4), (6, 5), (3, 2, 1)). Returns the flat
+    d·d position of every r_k (each lands in exactly one place) and the r index of each diagonal entry."""
+    n = d * (d + 1) // 2
+    source = torch.cat([torch.arange(d, n), torch.arange(n).flip(0)]).view(d, d)  # which r_k sits at (i, j)
+    lower = torch.ones(d, d, dtype=torch.bool).tril()
+    position = torch.empty(n, dtype=torch.long)
+    position[source[lower]] = torch.arange(d * d).view(d, d)[lower]
+    return position.to(device), source.diagonal().clone().to(device)
+
+
+class _FillScaleTriL(torch.autograd.Function):
+    """``tfp.bijectors.FillScaleTriL``: L = fill_triangular(r), diagonal ``softplus(.) + 1e-5``, as one
+    autograd node. Every r_k lands in one place, so the backward is a gather: no [B, D, D] cat / flip /
+    tril / copy chain and its backward (dense joint step: 30 % less time on this part, 1 thread).
+
+    The floats are those of the composed ops, bit for bit (tests/test_port_dpsom.py): softplus and its
+    backward see strided inputs (the diagonal of L; a stride-2 copy of it), so they take the same
+    element-wise loop as on the diagonal view; a contiguous input takes the vectorised one, 1 ulp off."""
+
+    @staticmethod
+    def forward(ctx, raw: Tensor, position: Tensor, diag_source: Tensor) -> Tensor:  # type: ignore[override]
+        b, d = raw.shape[0], diag_source.numel()
+        scale_tril = raw.new_zeros(b, d * d).index_copy_(1, position, raw).view(b, d, d)
+        diag = scale_tril.diagonal(dim1=-2, dim2=-1)
+        pre = raw.new_empty(b, d, 2)[..., 0].copy_(diag)  # softplus' input, kept strided (see above)
+        diag.copy_(F.softplus(diag) + TRIL_DIAG_SHIFT)
+        ctx.save_for_backward(pre, position, diag_source)
+        return scale_tril
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        pre, position, diag_source = ctx.saved_tensors
+        b, d = pre.shape
+        grad_raw = grad.reshape(b, d * d).index_select(1, position)
+        grad_raw[:, diag_source] = torch.ops.aten.softplus_backward(grad.diagonal(dim1=-2, dim2=-1), pre, 1.0, 20.0)
+        return grad_raw, None, None
 
 
 class SOM(nn.Module):
