@@ -18,7 +18,7 @@ from ports.dpsom.losses import (
     neighbour_nodes,
     target_distribution,
 )
-from ports.dpsom.model import DPSOM, TriLPosterior, student_t_q
+from ports.dpsom.model import DPSOM, TriLPosterior, student_t_q, z_dist_flat
 from ports.dpsom.optim import TF1Adam, effective_learning_rate
 from ports.dpsom.train import Trainer, fit, schedule
 
@@ -102,6 +102,25 @@ def test_fill_scale_tril_node_matches_the_composed_ops_bit_for_bit(d, dtype):
     (l_ref, g_ref), (l_new, g_new) = got
     assert torch.equal(l_ref, l_new) and torch.equal(g_ref, g_new)
     assert (l_new.triu(1) == 0).all() and (g_new != 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_squared_distance_node_matches_the_composed_ops_bit_for_bit(dtype):
+    """z_dist_flat's one-node backward gives autograd's gradients of ``(z - m)².sum(-1)`` exactly, for z
+    and the embeddings together and for the embeddings alone (the sg(z) path of L_SOM)."""
+    gen = torch.Generator().manual_seed(1)
+    z0, m0 = torch.randn(300, 100, generator=gen, dtype=dtype), 0.05 * torch.randn(64, 100, generator=gen, dtype=dtype)
+    w = torch.rand(300, 64, generator=gen, dtype=dtype)
+    for z_grad in (True, False):
+        got = []
+        for dist in (lambda z, m: (z.unsqueeze(1) - m.unsqueeze(0)).square().sum(-1), z_dist_flat):
+            z, m = z0.clone().requires_grad_(z_grad), m0.clone().requires_grad_()
+            d = dist(z, m)
+            (w * torch.log1p(d)).sum().backward()  # a non-uniform upstream gradient, as q's
+            got.append((d.detach(), z.grad, m.grad))
+        (d_ref, gz_ref, gm_ref), (d_new, gz_new, gm_new) = got
+        assert torch.equal(d_ref, d_new) and torch.equal(gm_ref, gm_new)
+        assert (gz_new is None) if not z_grad else torch.equal(gz_ref, gz_new)
 
 
 def test_sample_is_mu_plus_scale_times_eps():
