@@ -202,16 +202,18 @@ class TriLPosterior(nn.Module):
 
 
 @functools.cache
-def fill_triangular_index(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def fill_triangular_index(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     """TFP's ``fill_triangular`` as an index: ``r`` (n = d(d+1)/2) goes to ``[r[d:], reverse(r)]``
-    reshaped to d x d, lower triangle kept (r = 1..6: rows (4), (6, 5), (3, 2, 1)). Returns the flat
-    d·d position of every r_k (each lands in exactly one place) and the r index of each diagonal entry."""
+    reshaped to d x d, lower triangle kept (r = 1..6: rows (4), (6, 5), (3, 2, 1)). Returns, for each
+    of the d·d entries of L, the index into ``[r, 0]`` it takes (n: the zero above the diagonal); the
+    flat position of every r_k (each lands in exactly one place); the r index of each diagonal entry."""
     n = d * (d + 1) // 2
     source = torch.cat([torch.arange(d, n), torch.arange(n).flip(0)]).view(d, d)  # which r_k sits at (i, j)
     lower = torch.ones(d, d, dtype=torch.bool).tril()
+    take = torch.where(lower, source, n).flatten()
     position = torch.empty(n, dtype=torch.long)
     position[source[lower]] = torch.arange(d * d).view(d, d)[lower]
-    return position.to(device), source.diagonal().clone().to(device)
+    return take.to(device), position.to(device), source.diagonal().clone().to(device)
 
 
 class _FillScaleTriL(torch.autograd.Function):
@@ -224,9 +226,9 @@ class _FillScaleTriL(torch.autograd.Function):
     element-wise loop as on the diagonal view; a contiguous input takes the vectorised one, 1 ulp off."""
 
     @staticmethod
-    def forward(ctx, raw: Tensor, position: Tensor, diag_source: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, raw: Tensor, take: Tensor, position: Tensor, diag_source: Tensor) -> Tensor:  # type: ignore[override]
         b, d = raw.shape[0], diag_source.numel()
-        scale_tril = raw.new_zeros(b, d * d).index_copy_(1, position, raw).view(b, d, d)
+        scale_tril = torch.cat([raw, raw.new_zeros(b, 1)], dim=1).index_select(1, take).view(b, d, d)  # 2x index_copy_'s speed
         diag = scale_tril.diagonal(dim1=-2, dim2=-1)
         pre = raw.new_empty(b, d, 2)[..., 0].copy_(diag)  # softplus' input, kept strided (see above)
         diag.copy_(F.softplus(diag) + TRIL_DIAG_SHIFT)
@@ -239,7 +241,7 @@ class _FillScaleTriL(torch.autograd.Function):
         b, d = pre.shape
         grad_raw = grad.reshape(b, d * d).index_select(1, position)
         grad_raw[:, diag_source] = torch.ops.aten.softplus_backward(grad.diagonal(dim1=-2, dim2=-1), pre, 1.0, 20.0)
-        return grad_raw, None, None
+        return grad_raw, None, None, None
 
 
 class SOM(nn.Module):
