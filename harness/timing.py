@@ -580,6 +580,28 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
 
 
 # --- README table ------------------------------------------------------------------------------------
+def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Port arms against the TF reference timed in the same run: one row per phase, quiet and under
+    competition side by side (issue 11's target: port / TF <= 0.9 in every phase, both conditions)."""
+    rows = []
+    for d in docs:
+        if d["framework"] != "torch" or REFERENCE not in d["arms"]:
+            continue
+        competing = d["settings"].get("competing", 0)
+        for phase in d["phase_order"]:
+            p = d["phases"][phase]
+            if "error" in p or REFERENCE not in p["ratio_to"]:
+                continue
+            ref_ms = 1e3 * p["median_s"] / p["ratio_to"][REFERENCE]
+            rows.append(f"| {d['model']} / {d['variant']} | {d['device']} | {d['mode']} | {competing} | {phase} | {ref_ms:.4g} | "
+                        f"{1e3 * p['median_s']:.4g} | **{p['ratio_to'][REFERENCE]:.2f}** |")
+    if not rows:
+        return []
+    return ["Port / TF reference, same run, interleaved (medians):", "",
+            "| model / variant | device | port mode | competing processes | phase | TF reference (ms) | port (ms) | port / TF |",
+            "|---|---|---|---|---|---|---|---|", *rows, "", "Every arm:", ""]
+
+
 def _load_words(doc: Mapping[str, Any]) -> str:
     """How loaded the machine was: the load average before, and what each competing process got."""
     load = doc.get("load_average_before")
@@ -597,11 +619,12 @@ def markdown(folder: Path) -> str:
         return ("No T6 timings stored (results/timing/ is empty). Produce them on a quiet machine, GPU preferred: "
                 "`nox -s timing -- --model dpsom --variant dense --device cuda --modes exact,fast` "
                 "(or `python -m harness.timing ...`), then `python -m harness.readme`.")
-    lines = ["| model / variant | device | arm (settings key) | phase | median (ms) | IQR (ms) | n | GFLOP / step | GEMM peak (TFLOP/s) "
+    docs = [json.loads(p.read_text()) for p in paths]
+    lines = _ratio_summary(docs)
+    lines += ["| model / variant | device | arm (settings key) | phase | median (ms) | IQR (ms) | n | GFLOP / step | GEMM peak (TFLOP/s) "
              "| % of floor | median vs other arms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []
-    for path in paths:
-        d = json.loads(path.read_text())
+    for path, d in zip(paths, docs, strict=True):
         env, peak = d["environment"], d["peak"]
         notes.append(f"`{path.name}`: {env.get('device_name')}"
                      + (f", driver {env['driver']}, CUDA {env['cuda_runtime']}" if env.get("cuda_runtime") else "")

@@ -290,3 +290,18 @@ def test_competition_is_in_the_key_the_file_name_and_the_table(tmp_path):
     assert len(doc["load_average_before"]) == 3
     assert "1 competing CPU-bound process(es) running throughout" in timing.markdown(tmp_path)
     assert timing.Settings.for_mode("exact", "cpu", 1).key.endswith("omp_" + doc["settings"]["omp_wait_policy"])  # quiet: no suffix
+
+
+def test_port_against_the_reference_in_one_run(tmp_path):
+    """``--reference``: the TF reference is an arm of the same interleaved run; the summary table gives
+    port / TF per phase from the two arms' own medians."""
+    pytest.importorskip("tensorflow", reason="TensorFlow not installed: no reference arm")
+    exact, ref = timing.run("dpsom", "tiny-dense", "cpu", ("exact",), reference=True, repeats=3, warmup=1, threads=1, gemm_n=64,
+                            out=tmp_path)
+    assert (exact["framework"], ref["framework"], ref["mode"]) == ("torch", "tensorflow", timing.REFERENCE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpsom-tiny-dense-cpu-exact.json", "dpsom-tiny-dense-cpu-reference.json"]
+    table = timing.markdown(tmp_path)
+    for phase in exact["phase_order"]:
+        port_s, ref_s = exact["phases"][phase]["median_s"], ref["phases"][phase]["median_s"]
+        assert exact["phases"][phase]["ratio_to"]["reference"] == pytest.approx(port_s / ref_s)
+        assert f"| dpsom / tiny-dense | cpu | exact | 0 | {phase} | {1e3 * ref_s:.4g} | {1e3 * port_s:.4g} | **{port_s / ref_s:.2f}** |" in table
