@@ -1,4 +1,4 @@
-"""``python -m harness.bench_table BENCH.json``: per-step medians of both sides and their ratio.
+"""``python -m harness.bench_table BENCH.json``: per-step medians (and IQRs) of both sides and their ratio.
 
 Writes ``results/bench/dpsom-step-<env>.csv`` (fixed float format, sorted) from one pytest-benchmark
 run, so every ratio compares numbers measured in the same run on the same machine.
@@ -16,13 +16,16 @@ import pandas as pd
 def table(bench_json: Path) -> pd.DataFrame:
     doc = json.loads(bench_json.read_text())
     rows = [
-        {**{k: b["extra_info"][k] for k in ("side", "variant", "phase")}, "median_s": b["stats"]["median"], "min_s": b["stats"]["min"], "rounds": b["stats"]["rounds"]}
+        {**{k: b["extra_info"][k] for k in ("side", "variant", "phase")}, "median_s": b["stats"]["median"], "iqr_s": b["stats"]["iqr"],
+         "min_s": b["stats"]["min"], "rounds": b["stats"]["rounds"]}
         for b in doc["benchmarks"]
     ]
     df = pd.DataFrame(rows)
     wide = df.pivot_table(index=["variant", "phase"], columns="side", values="median_s")
     if {"torch", "tf"} <= set(wide.columns):
         wide["ratio_torch_over_tf"] = wide["torch"] / wide["tf"]
+    iqr = df.pivot_table(index=["variant", "phase"], columns="side", values="iqr_s")
+    wide = wide.join(iqr.add_suffix("_iqr"))
     wide = wide.reset_index().sort_values(["variant", "phase"])
     info = doc.get("machine_info", {})
     wide["cpu"] = info.get("cpu", {}).get("brand_raw", "?")

@@ -66,11 +66,12 @@ def _bench(results: Path) -> str:
             f"`{path.name}`: {row['cpu']}, {row['cores']} cores, torch {row['torch_version']}, TF {row['tensorflow_version']}, "
             f"median of {row['rounds']} steps (batch 300), one run",
             "",
-            "| variant | phase | TF (ms) | torch (ms) | torch / TF |",
-            "|---|---|---|---|---|",
+            "| variant | phase | TF (ms) | IQR | torch (ms) | IQR | torch / TF |",
+            "|---|---|---|---|---|---|---|",
         ]
         for r in df.itertuples():
-            lines.append(f"| {r.variant} | {r.phase} | {1e3 * r.tf:.0f} | {1e3 * r.torch:.0f} | {r.ratio_torch_over_tf:.2f} |")
+            iqr = [f"{1e3 * v:.0f}" if isinstance(v, float) and v == v else "–" for v in (getattr(r, "tf_iqr", None), getattr(r, "torch_iqr", None))]
+            lines.append(f"| {r.variant} | {r.phase} | {1e3 * r.tf:.0f} | {iqr[0]} | {1e3 * r.torch:.0f} | {iqr[1]} | {r.ratio_torch_over_tf:.2f} |")
         lines.append("")
     return "\n".join(lines).rstrip()
 
