@@ -70,8 +70,8 @@ def _bench(results: Path) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for r in df.itertuples():
-            iqr = [f"{1e3 * v:.0f}" if isinstance(v, float) and v == v else "–" for v in (getattr(r, "tf_iqr", None), getattr(r, "torch_iqr", None))]
-            lines.append(f"| {r.variant} | {r.phase} | {1e3 * r.tf:.0f} | {iqr[0]} | {1e3 * r.torch:.0f} | {iqr[1]} | {r.ratio_torch_over_tf:.2f} |")
+            lines.append(f"| {r.variant} | {r.phase} | {1e3 * r.tf:.0f} | {1e3 * r.tf_iqr:.0f} | {1e3 * r.torch:.0f} | {1e3 * r.torch_iqr:.0f} | "
+                         f"{r.ratio_torch_over_tf:.2f} |")
         lines.append("")
     return "\n".join(lines).rstrip()
 
