@@ -48,16 +48,13 @@ def _glorot(module: nn.Module) -> nn.Module:
     return module
 
 
-def _gemm_nt(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b^T`` by oneDNN's fp32 GEMM (``b`` may be a transposed view)."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-
-
 class _OneDNNLinear(torch.autograd.Function):
-    """``x W^T + b`` with oneDNN's fp32 GEMMs forward and backward (what TF's CPU MatMul and its
-    gradient run). Operand layouts measured fastest on AMD EPYC (2 threads, batch 300): grad_input
-    from W's transposed view (posterior head 2000 x 5150: 13.6 ms vs MKL's 31.7), grad_weight from
-    contiguous transposes (27.6 vs 40.3 ms; conv head 12544 x 5150: 175 vs 263 ms)."""
+    """``x W^T + b``: the forward GEMM by oneDNN (what TF's CPU MatMul runs), the two backward GEMMs by
+    ``torch.mm`` (MKL), each the faster one measured on two AMD EPYC hosts (2 threads, batch 300, posterior
+    head 2000 x 5150). Zen 1, 2 GHz: forward oneDNN 145 ms vs MKL 189; grad_input MKL 154 vs oneDNN
+    (W's transposed view) 228; grad_weight MKL 155 vs oneDNN (contiguous transposes) 174; a later Zen host
+    at 110 GFLOP/s: grad_input 48.5 vs 55.3, grad_weight 54.1 vs 61.4. Same IEEE float32 arithmetic,
+    another summation order."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
@@ -67,8 +64,8 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        gx = _gemm_nt(grad, weight.t()) if ctx.needs_input_grad[0] else None
-        gw = _gemm_nt(grad.t().contiguous(), x.t().contiguous()) if ctx.needs_input_grad[1] else None
+        gx = torch.mm(grad, weight) if ctx.needs_input_grad[0] else None
+        gw = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
         gb = grad.sum(0) if ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
@@ -76,10 +73,8 @@ class _OneDNNLinear(torch.autograd.Function):
 class Dense(nn.Linear):
     """Keras ``Dense`` (Glorot-uniform kernel, zero bias), stored torch-style [out, in].
 
-    On CPU in float32 the GEMMs (forward and both backward ones) go through oneDNN instead of MKL:
-    same IEEE float32 arithmetic in another summation order, 2.5x faster forward on the 2000 x 5150
-    posterior head on AMD EPYC (MKL 41 ms, oneDNN 16.6 ms, batch 300), where MKL takes its generic
-    code path.
+    On CPU in float32 the forward GEMM goes through oneDNN instead of MKL (see ``_OneDNNLinear``):
+    up to 2.5x faster on the 2000 x 5150 posterior head on AMD EPYC, where MKL takes its generic path.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
