@@ -467,6 +467,37 @@ def test_fit_checkpoints_resumes_and_stops_on_nan(tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == ckpt
 
 
+def test_fit_reads_records_k_steps_at_a_time_with_the_same_steps(tmp_path):
+    """``sync_every=k`` (the fast path's deferred host sync): the records arrive in bursts of k steps
+    (and at each epoch's end), equal to k=1's bit for bit, and a non-finite term is still named at
+    its own step before its epoch's checkpoint."""
+    cfg = get_config("tiny-dense")
+    x = np.random.default_rng(0).random((5 * cfg.batch_size, 28, 28, 1), dtype=np.float32)  # 5 steps per epoch
+
+    def run(k: int, out=None, data=x):
+        trainer, seen = Trainer(cfg, model=_model(seed=2)), []
+        on_step = lambda r: seen.append({**r, "steps_issued": trainer.global_step})  # noqa: E731
+        return fit(trainer, data, out, on_step=on_step, progress=False, sync_every=k), seen
+
+    history, seen = run(1)
+    assert [r["steps_issued"] for r in seen] == [r["global_step"] for r in seen]  # k=1: read at every step
+    for k in (2, 50):
+        history_k, seen_k = run(k)
+        assert history_k == history
+        assert len(seen_k) == len(seen) and all(
+            a.keys() == b.keys() and all(np.array_equal(a[f], b[f]) if f == "p" and a[f] is not None else a[f] == b[f]
+                                         for f in a if f != "steps_issued") for a, b in zip(seen, seen_k))
+        issued = [r["steps_issued"] - 5 * r["epoch"] for r in seen_k]  # steps issued in this epoch when read
+        assert issued == [min(5, k * (i // k + 1)) for i in range(5)] * (len(seen_k) // 5)
+    bad = x.copy()
+    bad[cfg.batch_size + 1, 3, 3, 0] = np.inf  # the second batch: global step 1
+    with pytest.raises(FloatingPointError, match=r"non-finite loss\.elbo\.nll=(nan|inf) at global step 1 \(phase vae, epoch 0\)"):
+        run(50, tmp_path / "nan", bad)
+    assert not (tmp_path / "nan" / "checkpoint.pt").exists()
+    with pytest.raises(ValueError, match="sync_every=0"):
+        run(0)
+
+
 # --- evaluation metrics (the port's own sklearn code vs harness.metrics) ----------------------
 
 

@@ -77,6 +77,36 @@ def schedule(cfg: DPSOMConfig) -> list[Epoch]:
     return [Epoch(i, phase, lr) for i, (phase, lr) in enumerate(plan)]
 
 
+SYNC_EVERY = 50  # steps whose loss terms are read off the device at once in fit (one host sync)
+
+
+@dataclass(frozen=True)
+class PendingRecord:
+    """A step's record whose loss terms are still a device tensor: the LR and global step are host
+    numbers already (the schedule is computed on the host), only the terms need a synchronisation."""
+
+    names: tuple[str, ...]
+    values: torch.Tensor
+    lr: float
+    global_step: int
+
+    def resolve(self, values: list[float] | None = None) -> dict[str, float]:
+        """The record as :meth:`Trainer.step` returns it (``values``: the terms already read)."""
+        record: dict[str, float] = dict(zip(self.names, self.values.tolist() if values is None else values))
+        record["lr"] = self.lr
+        record["global_step"] = self.global_step
+        return record
+
+
+def resolve_all(pending: list[PendingRecord]) -> list[dict[str, float]]:
+    """Every record of ``pending`` with ONE device-to-host copy (the fast path's "log every k steps")."""
+    if not pending:
+        return []
+    flat = torch.cat([r.values for r in pending]).tolist()
+    bounds = np.cumsum([0] + [len(r.names) for r in pending])
+    return [r.resolve(flat[a:b]) for r, a, b in zip(pending, bounds[:-1], bounds[1:])]
+
+
 class Trainer:
     """Model + the one shared optimizer; ``step`` is one ``session.run(train_op)`` of the original."""
 
@@ -134,6 +164,11 @@ class Trainer:
 
     def step(self, phase: str, x: np.ndarray | torch.Tensor, lr_feed: float, eps=None, p=None, head=None) -> dict[str, float]:
         """One optimizer step; returns the loss terms before the update, the effective LR, the new global step."""
+        return self.step_pending(phase, x, lr_feed, eps, p, head).resolve()
+
+    def step_pending(self, phase: str, x: np.ndarray | torch.Tensor, lr_feed: float, eps=None, p=None, head=None) -> PendingRecord:
+        """:meth:`step` with its loss terms left on the device (no host synchronisation): read them with
+        :meth:`PendingRecord.resolve` or, for many steps at once, :func:`resolve_all`."""
         cfg = self.config
         if phase != self.phase:
             self.begin_phase(phase)
@@ -144,11 +179,7 @@ class Trainer:
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step(float(lr))
-        values = torch.stack([t.detach() for t in terms.values()]).tolist()  # one host sync per step
-        record: dict[str, float] = dict(zip(terms, values))
-        record["lr"] = float(lr)
-        record["global_step"] = self.optimizer.global_step
-        return record
+        return PendingRecord(tuple(terms), torch.stack([t.detach() for t in terms.values()]), float(lr), self.optimizer.global_step)
 
     @torch.no_grad()
     def frozen_heads(self, x_train: np.ndarray) -> torch.Tensor | None:
@@ -315,11 +346,16 @@ def _batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]
 EpsSource = Callable[[tuple[int, ...]], np.ndarray]
 
 
-def run_epoch(trainer: Trainer, epoch: Epoch, x_train: np.ndarray, eps: EpsSource | None = None) -> Iterator[tuple[dict[str, float], dict[str, Any]]]:
+def run_epoch(trainer: Trainer, epoch: Epoch, x_train: np.ndarray, eps: EpsSource | None = None,
+              sync_every: int = 1) -> Iterator[tuple[dict[str, float], dict[str, Any]]]:
     """One epoch of the schedule: for a joint epoch the target distribution P over the whole training
     set first (§6.4), then the in-order full batches. Yields each step's ``trainer.step`` record and
     what the step used: ``p`` (its rows of P, None outside the joint phase) and ``p_step`` (the global
-    step at which that P was computed)."""
+    step at which that P was computed). ``sync_every=k``: the records are read off the device k steps
+    at a time (and at the epoch's end), so a GPU is not made to wait for the host at every step; the
+    steps, their order and their noise are the same, the records arrive in bursts."""
+    if sync_every < 1:
+        raise ValueError(f"sync_every={sync_every}: expected a positive number of steps")
     bs, D = trainer.config.batch_size, trainer.config.latent_dim
     p_all, p_step = None, None
     heads = trainer.frozen_heads(x_train) if epoch.phase == "som_init" else None
@@ -327,16 +363,22 @@ def run_epoch(trainer: Trainer, epoch: Epoch, x_train: np.ndarray, eps: EpsSourc
         p_step = trainer.global_step
         q = trainer.q_all(x_train, eps=None if eps is None else eps((len(x_train), D)))
         p_all = target_distribution(torch.from_numpy(q)).numpy()
+    pending: list[tuple[PendingRecord, dict[str, Any]]] = []
+    n = len(x_train) // bs
     for ii, xb in _batches(x_train, bs):
         p = None if p_all is None else p_all[ii * bs : (ii + 1) * bs]
         head = None if heads is None else heads[ii * bs : (ii + 1) * bs]
-        record = trainer.step(epoch.phase, xb, epoch.lr_feed, eps=None if eps is None else eps((len(xb), D)), p=p, head=head)
-        yield record, {"p": p, "p_step": p_step}
+        pending.append((trainer.step_pending(epoch.phase, xb, epoch.lr_feed, eps=None if eps is None else eps((len(xb), D)), p=p,
+                                             head=head), {"p": p, "p_step": p_step}))
+        if len(pending) == sync_every or ii == n - 1:
+            yield from zip(resolve_all([r for r, _ in pending]), [used for _, used in pending])
+            pending = []
 
 
 def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: bool = False, log_every: int = 1,
         eps: EpsSource | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
-        progress: bool = True, overwrite: bool = False, start_at: int = 0, stop_after: int | None = None) -> list[dict[str, float]]:
+        progress: bool = True, overwrite: bool = False, start_at: int = 0, stop_after: int | None = None,
+        sync_every: int = SYNC_EVERY) -> list[dict[str, float]]:
     """Run the whole schedule with progress bars, TensorBoard scalars, a checkpoint per epoch, resume.
 
     A non-finite loss term stops training with the step, phase and term named; the last checkpoint
@@ -349,6 +391,9 @@ def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: boo
     ``start_at=k`` begins at epoch k of the schedule from the trainer's current state (a run continued
     by its caller, who restored weights and optimizer; a resumed run starts where its checkpoint
     ends); ``stop_after=N`` stops once N epochs of the schedule are complete (a chunked run).
+    ``sync_every``: the loss terms stay on the device and are read every that many steps and at every
+    epoch's end (:func:`run_epoch`), so a non-finite term is found up to that many steps late, still
+    named at its own step, and before that epoch's checkpoint.
     """
     cfg = trainer.config
     plan = schedule(cfg)
@@ -371,7 +416,7 @@ def fit(trainer: Trainer, x_train: np.ndarray, out_dir: Path | None, resume: boo
     history: list[dict[str, float]] = []
     try:
         for epoch in tqdm(plan[start:end], desc="DPSOM epochs", initial=start, total=len(plan), unit="epoch", disable=not progress):
-            bar = tqdm(run_epoch(trainer, epoch, x_train, eps), total=len(x_train) // bs, desc=f"{epoch.phase} #{epoch.index}",
+            bar = tqdm(run_epoch(trainer, epoch, x_train, eps, sync_every), total=len(x_train) // bs, desc=f"{epoch.phase} #{epoch.index}",
                        leave=False, disable=not progress)
             for record, used in bar:
                 bad = [k for k, v in record.items() if not math.isfinite(v)]
