@@ -52,7 +52,7 @@ class _OneDNNLinear(torch.autograd.Function):
     """``x W^T + b``: the forward GEMM by oneDNN (what TF's CPU MatMul runs), the two backward GEMMs by
     ``torch.mm`` (MKL), each the faster one measured on two AMD EPYC hosts (2 threads, batch 300, posterior
     head 2000 x 5150). Zen 1, 2 GHz: forward oneDNN 145 ms vs MKL 189; grad_input MKL 154 vs oneDNN
-    (W's transposed view) 228; grad_weight MKL 155 vs oneDNN (contiguous transposes) 174; a later Zen host
+    (W's transposed view) 228; grad_weight MKL 155 vs oneDNN (contiguous transposes) 174; another Zen host
     at 110 GFLOP/s: grad_input 48.5 vs 55.3, grad_weight 54.1 vs 61.4. Same IEEE float32 arithmetic,
     another summation order."""
 
