@@ -1,7 +1,11 @@
 """First cross-framework proof: same weights + same ε -> the port equals the TF reference.
 
 Forward tensors, every loss term, and one optimizer step of each phase (parameters, records and
-optimizer state), dense and conv, tiny and full size. The tolerance of every tensor is
+optimizer state), dense and conv, on the tiny variants. The full-size pair runs the same comparison in
+CI's regression gate (``nox -s regress``, part 1: the quick tier of DPSOM dense and conv on MNIST, every
+row's verdict against results/parity), in its own process within 4 GB; run here as well it took 579 s
+(conv) + 103 s (dense) of the suite's 2544 s (measured 2026-12-04, 2-core Zen-1 host), so it is not
+repeated. The tolerance of every tensor is
 ``harness.engine.MULTIPLE`` x its measured noise floor (port float32 vs float64; reference on the
 whole batch vs its two halves). Every tensor must PASS; the one exception is a gradient that the
 harness explains by activation-kink flips found in T2 (reported INACCURATE with the flips named).
@@ -26,7 +30,7 @@ def _failures(report: dict) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("variant", ["tiny-dense", "tiny-conv", pytest.param("dense", marks=pytest.mark.slow), pytest.param("conv", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("variant", ["tiny-dense", "tiny-conv"])
 def test_port_equals_reference(variant):
     report = run_variant(variant, seed=0, dataset="digits")
     assert not _failures(report), "\n".join(_failures(report))
