@@ -112,6 +112,13 @@ class ReferenceSide(Protocol):
         epoch to the next raises :class:`Unsupported` for it (the matrix then runs it whole)."""
         raise Unsupported(f"{type(self).__name__} does not provide fit_records()")
 
+    def profile_step(self, phase: str, batch: Batch, lr_feed: float) -> dict[str, Any]:
+        """Optional (else :class:`Unsupported`). One :meth:`step` under the framework's own profiler,
+        its op times summed per canonical layer (``layers``: forward / backward, CPU / device ms), per
+        top-level name, in all (``total``) and not attributed to a layer (``unattributed``): the layout of
+        ``harness.timing.attribute``. The step is taken (the side's weights move)."""
+        raise Unsupported(f"{type(self).__name__} does not provide profile_step()")
+
     def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
         """Optional (else :class:`Unsupported`). The side's OWN evaluation from the current weights,
         ``eps(shape)`` feeding its noise: ``assignments`` (int array, per evaluated input, in order),

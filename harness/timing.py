@@ -43,15 +43,18 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from harness.protocols import Unsupported
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results" / "timing"
@@ -351,6 +354,56 @@ def attribute(events: Sequence[Any], to_ms: float = 1e-3) -> dict[str, Any]:
             "unattributed": {k: total[k] - attributed[k] for k in total}}
 
 
+def graph_scopes(table: Sequence[Any]) -> dict[str, str]:
+    """TF name scope -> canonical layer, from a mapping table's ``tf_variable`` column
+    (``z_e/encoder/dense_1/kernel`` -> ``z_e/encoder/dense_1`` -> ``encoder.fc2``)."""
+    return {row.tf_variable.rsplit("/", 1)[0]: row.canonical.rsplit(".", 1)[0]
+            for row in table if row.tf_variable and "/" in row.tf_variable and "." in row.canonical}
+
+
+GRADIENT_SCOPE = re.compile(r"^(?:[^/]+/)?gradients(?:_\d+)?/")  # tf.gradients' scope (``optimize/gradients_1/...``)
+APPLY_SCOPE = re.compile(r"^(?:[^/]+/)?Adam(?:_\d+)?/update_")  # the optimizer's per-variable update ops
+
+
+def attribute_graph_ops(ops: Iterable[tuple[str, str, float]], scopes: Mapping[str, str]) -> dict[str, Any]:
+    """A TF graph step's op times (``(device, node name, microseconds)``, from its ``RunMetadata``) in
+    :func:`attribute`'s layout. A node belongs to the layer whose name scope it is in (the longest
+    scope that prefixes it); under the gradient scope it is that layer's backward; an optimizer update
+    op is summed in ``optimizer`` (the torch profile leaves its optimizer unattributed). An op on a
+    GPU counts as device time, on a CPU as CPU time; times of ops that ran at once add up."""
+
+    def zero() -> dict[str, float]:
+        return {"forward_cpu_ms": 0.0, "forward_device_ms": 0.0, "backward_cpu_ms": 0.0, "backward_device_ms": 0.0}
+
+    ordered = sorted(scopes, key=len, reverse=True)
+    layers: dict[str, dict[str, float]] = {}
+    total = {"cpu_ms": 0.0, "device_ms": 0.0}
+    attributed = {"cpu_ms": 0.0, "device_ms": 0.0}
+    optimizer = {"cpu_ms": 0.0, "device_ms": 0.0}
+    for device, name, micros in ops:
+        where = "device" if "GPU" in device.upper() else "cpu"
+        ms = micros * 1e-3
+        total[f"{where}_ms"] += ms
+        if APPLY_SCOPE.match(name):
+            optimizer[f"{where}_ms"] += ms
+            attributed[f"{where}_ms"] += ms
+            continue
+        backward = GRADIENT_SCOPE.match(name)
+        bare = name[backward.end():] if backward else name
+        scope = next((sc for sc in ordered if bare.startswith(sc + "/")), None)
+        if scope is None:
+            continue
+        layers.setdefault(scopes[scope], zero())[f"{'backward' if backward else 'forward'}_{where}_ms"] += ms
+        attributed[f"{where}_ms"] += ms
+    top: dict[str, dict[str, float]] = {}
+    for name, row in layers.items():
+        agg = top.setdefault(name.split(".", 1)[0], zero())
+        for k, v in row.items():
+            agg[k] += v
+    return {"layers": dict(sorted(layers.items())), "top_level": dict(sorted(top.items())), "total": total,
+            "unattributed": {k: total[k] - attributed[k] for k in total}, "optimizer": optimizer}
+
+
 def profile_step(side: Any, step: Callable[[], Any], device: str) -> dict[str, Any]:
     """One ``step()`` of a torch side under ``torch.profiler``, attributed to canonical layers (:func:`attribute`)."""
     import torch
@@ -515,10 +568,13 @@ def _time_phases(spec: Any, arms: Sequence[Arm], batch: Mapping[str, np.ndarray]
                 "pct_of_floor": 100.0 * floor / stats["median_s"], "finite": finite[arm.label], "loss": phase.loss,
                 "lr_feed": phase.lr_feed, "seconds": seconds[arm.label],
                 "ratio_to": {o: stats["median_s"] / m for o, m in medians.items() if o != arm.label}}
-            if profile and arm.framework == "torch":
-                apply(arm.settings)
-                profiles[arm.label][phase.name] = profile_step(arm.side, lambda arm=arm, phase=phase: arm.side.step(
-                    phase.name, batch, phase.lr_feed), arm.device)
+            if profile:
+                if arm.settings is not None:
+                    apply(arm.settings)
+                try:
+                    profiles[arm.label][phase.name] = arm.side.profile_step(phase.name, batch, phase.lr_feed)
+                except Unsupported as err:
+                    profiles[arm.label][phase.name] = {"unsupported": str(err)}
 
 
 def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("exact",), reference: bool = False,

@@ -297,7 +297,7 @@ def test_port_against_the_reference_in_one_run(tmp_path):
     port / TF per phase from the two arms' own medians."""
     pytest.importorskip("tensorflow", reason="TensorFlow not installed: no reference arm")
     exact, ref = timing.run("dpsom", "tiny-dense", "cpu", ("exact",), reference=True, repeats=3, warmup=1, threads=1, gemm_n=64,
-                            out=tmp_path)
+                            out=tmp_path, profile=True)
     assert (exact["framework"], ref["framework"], ref["mode"]) == ("torch", "tensorflow", timing.REFERENCE)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dpsom-tiny-dense-cpu-exact.json", "dpsom-tiny-dense-cpu-reference.json"]
     table = timing.markdown(tmp_path)
@@ -305,3 +305,50 @@ def test_port_against_the_reference_in_one_run(tmp_path):
         port_s, ref_s = exact["phases"][phase]["median_s"], ref["phases"][phase]["median_s"]
         assert exact["phases"][phase]["ratio_to"]["reference"] == pytest.approx(port_s / ref_s)
         assert f"| dpsom / tiny-dense | cpu | exact | 0 | {phase} | {1e3 * ref_s:.4g} | {1e3 * port_s:.4g} | **{port_s / ref_s:.2f}** |" in table
+
+    # --profile: both arms by their own profiler, on the same canonical layer names (the mapping table)
+    for doc in (exact, ref):
+        vae = doc["profile"]["vae"]["layers"]
+        assert {"encoder.fc1", "posterior.head", "decoder.fc1"} <= set(vae), (doc["mode"], sorted(vae))
+        assert vae["encoder.fc1"]["forward_cpu_ms"] > 0 and vae["encoder.fc1"]["backward_cpu_ms"] > 0, doc["mode"]
+    prof = ref["profile"]
+    # the original's L_a stops the gradient at z: its SOM-initialisation step runs the encoder forward and no encoder gradient op
+    som_init = prof["som_init"]["layers"]
+    assert som_init["encoder.fc1"]["forward_cpu_ms"] > 0
+    assert all(row["backward_cpu_ms"] == 0 for name, row in som_init.items() if name.startswith(("encoder.", "posterior."))), som_init
+    for phase in ref["phase_order"]:
+        p = prof[phase]
+        in_layers = sum(v for row in p["layers"].values() for v in row.values())
+        assert p["optimizer"]["cpu_ms"] > 0 and p["unattributed"]["cpu_ms"] >= 0
+        assert p["total"]["cpu_ms"] == pytest.approx(in_layers + p["optimizer"]["cpu_ms"] + p["unattributed"]["cpu_ms"])
+
+
+def test_graph_ops_are_attributed_by_name_scope():
+    """Hand-made node stats (device, node name, µs) -> per-layer ms: the longest scope wins
+    (``dense`` vs ``dense_1``), the gradient scope is the backward, the optimizer's update ops are
+    summed apart, a GPU's op is device time, a node in no layer's scope is unattributed."""
+    from harness.transplant import Row
+
+    table = [Row("encoder.fc1.kernel", "", "", "z_e/encoder/dense/kernel"), Row("encoder.fc1.bias", "", "", "z_e/encoder/dense/bias"),
+             Row("encoder.fc2.kernel", "", "", "z_e/encoder/dense_1/kernel"), Row("som.embeddings", "", "", "embeddings/embeddings")]
+    scopes = timing.graph_scopes(table)
+    assert scopes == {"z_e/encoder/dense": "encoder.fc1", "z_e/encoder/dense_1": "encoder.fc2", "embeddings": "som"}
+    cpu, gpu = "/job:localhost/replica:0/task:0/device:CPU:0", "/job:localhost/replica:0/task:0/device:GPU:0"
+    got = timing.attribute_graph_ops([
+        (cpu, "z_e/encoder/dense/MatMul", 100.0),
+        (cpu, "z_e/encoder/dense_1/MatMul", 200.0),
+        (gpu, "z_e/encoder/dense_1/BiasAdd", 50.0),
+        (cpu, "optimize/gradients_1/z_e/encoder/dense_1/MatMul_grad/MatMul", 400.0),
+        (cpu, "gradients/z_e/encoder/dense/MatMul_grad/MatMul_1", 10.0),
+        (cpu, "optimize/Adam_1/update_z_e/encoder/dense/kernel/ResourceApplyAdam", 7.0),
+        (cpu, "loss_som/q_ng/SquaredDifference", 3.0),
+        (cpu, "z_e/encoder/densefoo/MatMul", 1.0),  # not in the scope "z_e/encoder/dense/"
+    ], scopes)
+    assert got["layers"] == {
+        "encoder.fc1": {"forward_cpu_ms": 0.1, "forward_device_ms": 0.0, "backward_cpu_ms": 0.01, "backward_device_ms": 0.0},
+        "encoder.fc2": {"forward_cpu_ms": 0.2, "forward_device_ms": 0.05, "backward_cpu_ms": 0.4, "backward_device_ms": 0.0}}
+    assert got["top_level"] == {"encoder": {"forward_cpu_ms": pytest.approx(0.3), "forward_device_ms": 0.05,
+                                            "backward_cpu_ms": pytest.approx(0.41), "backward_device_ms": 0.0}}
+    assert got["optimizer"] == {"cpu_ms": 0.007, "device_ms": 0.0}
+    assert got["total"] == {"cpu_ms": pytest.approx(0.721), "device_ms": 0.05}
+    assert got["unattributed"]["cpu_ms"] == pytest.approx(0.004) and got["unattributed"]["device_ms"] == 0.0

@@ -325,6 +325,9 @@ class TFReferenceDEKM:
         x, y = mnist_xy(*(raw[k] for k in ("x_train", "y_train", "x_test", "y_test")), flatten=not self.config.convolution)
         return prepared(x, y, cluster_batch, self.config.batch_size)
 
+    def profile_step(self, phase: str, batch: Batch, lr_feed: float) -> dict[str, Any]:
+        raise Unsupported(f"{self.name}: an eager Keras step has no graph trace to attribute (tf.profiler not wired)")
+
     def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None, epochs: tuple[int, int] | None = None) -> list[dict[str, Any]]:
         """``reference_tf.dekm.train.fit`` on the own-loop data (:func:`fit_records`); the whole loop only (its refits
         carry state beyond weights and optimizer: no ``epochs`` range)."""

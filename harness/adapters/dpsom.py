@@ -241,6 +241,20 @@ class TFReferenceDPSOM:
     def gradients(self, loss: str, batch: Batch) -> dict[str, np.ndarray]:
         return self.model.gradients(loss, batch["x"], batch["eps"], batch["p"])
 
+    def profile_step(self, phase: str, batch: Batch, lr_feed: float) -> dict[str, Any]:
+        """One :meth:`step` whose ``session.run`` is traced (``RunMetadata``, FULL_TRACE): each op's
+        time, summed per canonical layer by its name scope (the mapping table's ``tf_variable`` column)."""
+        import tensorflow as tf
+
+        from harness.timing import attribute_graph_ops, graph_scopes
+
+        metadata = tf.compat.v1.RunMetadata()
+        p = batch["p"] if phase == "joint" else None
+        self.trainer.step(phase, batch["x"], lr_feed, eps=batch["eps"], p=p, all_terms=False, run_metadata=metadata)
+        ops = [(dev.device, node.node_name, float(node.op_end_rel_micros - node.op_start_rel_micros))
+               for dev in metadata.step_stats.dev_stats for node in dev.node_stats]
+        return attribute_graph_ops(ops, graph_scopes(_table(self.config)))
+
     def decode(self, z: np.ndarray) -> np.ndarray:
         """Bernoulli means of latent points ``z`` [n, D] through the original's own switch: the decoder
         reads the fed ``z_e`` placeholder when ``is_training`` is False (DPSOM.py's decoding path)."""

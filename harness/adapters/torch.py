@@ -295,6 +295,13 @@ class TorchPortAdapter:
         """The port's own data path (data tier); a port that has none to offer raises Unsupported."""
         raise Unsupported(f"{type(self).__name__} does not provide prepare_data() (its own data path)")
 
+    def profile_step(self, phase: str, batch: Batch, lr_feed: float) -> dict[str, Any]:
+        """One :meth:`step` under ``torch.profiler``, op times per canonical layer of the mapping table
+        (``harness.timing.profile_step``: a range around each mapped module, backward by sequence number)."""
+        from harness.timing import profile_step
+
+        return profile_step(self, lambda: self.step(phase, batch, lr_feed), str(self.device))
+
     # --- optional: own training loop and evaluation (harness/tier_ownloop.py, harness/tier_eval.py) ---
     def fit_records(self, data: Mapping[str, np.ndarray], eps: Any = None, epochs: tuple[int, int] | None = None) -> list[dict[str, Any]]:
         raise Unsupported(f"{type(self).__name__} does not run its own training loop for the harness (fit_records)")

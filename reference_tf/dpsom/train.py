@@ -111,7 +111,7 @@ class Trainer:
         return int(self.model.session.run(self.model.global_step))
 
     def step(self, phase: str, x, lr_feed: float, eps=None, p=None, all_terms: bool = True,
-             return_gradients: bool = False) -> dict:
+             return_gradients: bool = False, run_metadata=None) -> dict:
         """One optimiser step of ``phase`` ("vae" | "som_init" | "joint").
 
         Returns the loss terms evaluated in the same ``session.run`` as the update, i.e. on the
@@ -120,7 +120,8 @@ class Trainer:
         update. The joint phase needs ``p``; the other phases default it to uniform (it only
         enters the reported ``loss.kl_pq`` / ``loss.total``). ``return_gradients`` adds
         ``"gradients"``: {canonical name: the gradient this train op applied}, fetched in the same
-        ``session.run``.
+        ``session.run``. ``run_metadata`` (a ``tf.compat.v1.RunMetadata``): that ``session.run`` is
+        traced (``FULL_TRACE``) into it, every op's start and end time per device.
         """
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}; expected one of {PHASES}")
@@ -133,7 +134,13 @@ class Trainer:
         fetch["_train"] = m.optim.train_ops[phase]
         if return_gradients:
             fetch["_gradients"] = m.applied_gradients[phase]
-        values = m.session.run(fetch, m._feed(x, eps, p, lr_feed, need_p=True))  # noqa: SLF001
+        feed = m._feed(x, eps, p, lr_feed, need_p=True)  # noqa: SLF001
+        if run_metadata is None:
+            values = m.session.run(fetch, feed)
+        else:
+            tf = require_tensorflow()
+            full = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+            values = m.session.run(fetch, feed, options=full, run_metadata=run_metadata)
         record = {name: float(values[name]) for name in terms}
         record["lr"] = float(values["lr"])
         record["global_step"] = self.global_step

@@ -141,3 +141,6 @@ class NumpyReference:
 
     def evaluate_assignments(self, data: Mapping[str, np.ndarray], eps: Any = None) -> dict[str, Any]:
         raise Unsupported("the toy reference has no evaluation of its own")
+
+    def profile_step(self, phase: str, batch: Mapping[str, np.ndarray], lr_feed: float) -> dict[str, Any]:
+        raise Unsupported("the toy reference has no profiler")
