@@ -27,9 +27,13 @@ Why it is built this way:
   work. Each competitor's CPU seconds are read back when it is killed (``os.wait4``) and stored, so a
   result shows the competition really took its share; the load average before the run is stored too,
   so a "quiet" result says how quiet. N is part of the key and of the file name.
-* **Profile** (``--profile``): ``torch.profiler`` times attributed to canonical layer names from the
-  mapping table: forward as a range around each mapped module, backward as the autograd nodes matched to
-  their forward op by sequence number; summed per top-level name too.
+* **Profile** (``--profile``): one more step per phase and arm under the arm's own profiler
+  (``profile_step`` of the side protocol), its op times attributed to canonical layer names from the
+  mapping table. A torch port: ``torch.profiler``, forward as a range around each mapped module,
+  backward as the autograd nodes matched to their forward op by sequence number. The TF reference:
+  the step's ``session.run`` traced (``RunMetadata``), each op by its name scope, gradient ops as the
+  backward, the optimizer's update ops apart. Summed per top-level name too; a traced step runs
+  slower than an untimed one, so the profile says where time goes, the timed steps how long.
 
 Results: ``results/timing/<model>-<variant>-<device>-<mode>.json`` (one per arm, written atomically); the
 README table is rendered from them by ``harness.readme`` (:func:`markdown`).
@@ -725,7 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own count, recorded)")
     parser.add_argument("--omp-wait-policy", choices=("PASSIVE", "ACTIVE"), default=None,
                         help="set OMP_WAIT_POLICY before torch starts (default: the environment's, recorded)")
-    parser.add_argument("--profile", action="store_true", help="torch.profiler times per canonical layer, one step per phase")
+    parser.add_argument("--profile", action="store_true", help="each arm's own profiler (torch.profiler, TF's RunMetadata trace): times per canonical layer, one step per phase")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", default=None)
     parser.add_argument("--gemm-n", type=int, default=None, help="size of the peak's square matmul (default 8192 CUDA, 1024 CPU)")
