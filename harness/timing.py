@@ -306,13 +306,25 @@ def layer_modules(side: Any) -> dict[str, Any]:
     return out
 
 
+def _zero() -> dict[str, float]:
+    """A layer's profile row before any op is added to it."""
+    return {"forward_cpu_ms": 0.0, "forward_device_ms": 0.0, "backward_cpu_ms": 0.0, "backward_device_ms": 0.0}
+
+
+def _top_level(layers: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Per-layer rows summed per top-level name (``encoder.fc1`` -> ``encoder``)."""
+    top: dict[str, dict[str, float]] = {}
+    for name, row in layers.items():
+        agg = top.setdefault(name.split(".", 1)[0], _zero())
+        for k, v in row.items():
+            agg[k] += v
+    return top
+
+
 def attribute(events: Sequence[Any], to_ms: float = 1e-3) -> dict[str, Any]:
     """Profiler events -> CPU and device milliseconds per canonical layer, forward and backward, and per
     top-level name. A forward op belongs to its innermost ``layer:`` range; a backward node to the layer
     of the forward op with its sequence number; the rest is ``unattributed``."""
-
-    def zero() -> dict[str, float]:
-        return {"forward_cpu_ms": 0.0, "forward_device_ms": 0.0, "backward_cpu_ms": 0.0, "backward_device_ms": 0.0}
 
     def layer_of(e: Any) -> str | None:
         while e is not None:
@@ -328,7 +340,7 @@ def attribute(events: Sequence[Any], to_ms: float = 1e-3) -> dict[str, Any]:
     seq_layer: dict[int, str] = {}
     for e in events:
         if e.name.startswith(LAYER):
-            row = layers.setdefault(e.name[len(LAYER):], zero())
+            row = layers.setdefault(e.name[len(LAYER):], _zero())
             row["forward_cpu_ms"] += e.cpu_time_total * to_ms
             row["forward_device_ms"] += device_time(e) * to_ms
         elif e.sequence_nr >= 0 and not e.name.startswith(BACKWARD) and (name := layer_of(e)) is not None:
@@ -344,16 +356,12 @@ def attribute(events: Sequence[Any], to_ms: float = 1e-3) -> dict[str, Any]:
             attributed["cpu_ms"] += e.cpu_time_total * to_ms
             attributed["device_ms"] += device_time(e) * to_ms
         elif e.name.startswith(BACKWARD) and e.sequence_nr in seq_layer:
-            row = layers.setdefault(seq_layer[e.sequence_nr], zero())
+            row = layers.setdefault(seq_layer[e.sequence_nr], _zero())
             row["backward_cpu_ms"] += e.cpu_time_total * to_ms
             row["backward_device_ms"] += device_time(e) * to_ms
             attributed["cpu_ms"] += e.cpu_time_total * to_ms
             attributed["device_ms"] += device_time(e) * to_ms
-    top: dict[str, dict[str, float]] = {}
-    for name, row in layers.items():
-        agg = top.setdefault(name.split(".", 1)[0], zero())
-        for k, v in row.items():
-            agg[k] += v
+    top = _top_level(layers)
     return {"layers": dict(sorted(layers.items())), "top_level": dict(sorted(top.items())), "total": total,
             "unattributed": {k: total[k] - attributed[k] for k in total}}
 
@@ -376,9 +384,6 @@ def attribute_graph_ops(ops: Iterable[tuple[str, str, float]], scopes: Mapping[s
     op is summed in ``optimizer`` (the torch profile leaves its optimizer unattributed). An op on a
     GPU counts as device time, on a CPU as CPU time; times of ops that ran at once add up."""
 
-    def zero() -> dict[str, float]:
-        return {"forward_cpu_ms": 0.0, "forward_device_ms": 0.0, "backward_cpu_ms": 0.0, "backward_device_ms": 0.0}
-
     ordered = sorted(scopes, key=len, reverse=True)
     layers: dict[str, dict[str, float]] = {}
     total = {"cpu_ms": 0.0, "device_ms": 0.0}
@@ -397,13 +402,9 @@ def attribute_graph_ops(ops: Iterable[tuple[str, str, float]], scopes: Mapping[s
         scope = next((sc for sc in ordered if bare.startswith(sc + "/")), None)
         if scope is None:
             continue
-        layers.setdefault(scopes[scope], zero())[f"{'backward' if backward else 'forward'}_{where}_ms"] += ms
+        layers.setdefault(scopes[scope], _zero())[f"{'backward' if backward else 'forward'}_{where}_ms"] += ms
         attributed[f"{where}_ms"] += ms
-    top: dict[str, dict[str, float]] = {}
-    for name, row in layers.items():
-        agg = top.setdefault(name.split(".", 1)[0], zero())
-        for k, v in row.items():
-            agg[k] += v
+    top = _top_level(layers)
     return {"layers": dict(sorted(layers.items())), "top_level": dict(sorted(top.items())), "total": total,
             "unattributed": {k: total[k] - attributed[k] for k in total}, "optimizer": optimizer}
 
