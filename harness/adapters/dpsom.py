@@ -234,9 +234,10 @@ class TFReferenceDPSOM:
     def losses(self, batch: Batch) -> dict[str, float]:
         return {k: float(v) for k, v in self.model.losses(batch["x"], batch["eps"], batch["p"]).items()}
 
-    def step(self, phase: str, batch: Batch, lr_feed: float, return_gradients: bool = False) -> dict[str, Any]:
+    def step(self, phase: str, batch: Batch, lr_feed: float, return_gradients: bool = False, run_metadata=None) -> dict[str, Any]:
         p = batch["p"] if phase == "joint" else None
-        return self.trainer.step(phase, batch["x"], lr_feed, eps=batch["eps"], p=p, all_terms=False, return_gradients=return_gradients)
+        return self.trainer.step(phase, batch["x"], lr_feed, eps=batch["eps"], p=p, all_terms=False, return_gradients=return_gradients,
+                                 run_metadata=run_metadata)
 
     def gradients(self, loss: str, batch: Batch) -> dict[str, np.ndarray]:
         return self.model.gradients(loss, batch["x"], batch["eps"], batch["p"])
@@ -249,8 +250,7 @@ class TFReferenceDPSOM:
         from harness.timing import attribute_graph_ops, graph_scopes
 
         metadata = tf.compat.v1.RunMetadata()
-        p = batch["p"] if phase == "joint" else None
-        self.trainer.step(phase, batch["x"], lr_feed, eps=batch["eps"], p=p, all_terms=False, run_metadata=metadata)
+        self.step(phase, batch, lr_feed, run_metadata=metadata)
         ops = [(dev.device, node.node_name, float(node.op_end_rel_micros - node.op_start_rel_micros))
                for dev in metadata.step_stats.dev_stats for node in dev.node_stats]
         return attribute_graph_ops(ops, graph_scopes(_table(self.config)))
