@@ -83,18 +83,19 @@ def _row_major_fill_triangular(mp: pytest.MonkeyPatch) -> None:
     import torch.nn.functional as F
 
     from ports.dpsom.config import TRIL_DIAG_SHIFT
-    from ports.dpsom.model import TriLPosterior
+    from ports.dpsom.model import TriLPosterior, tril_stats
 
-    def split(self, head):  # the intuitive fill: row by row, left to right (not TFP's order)
+    def sample(self, head, eps, kl_stats=False):  # the intuitive fill: row by row, left to right (not TFP's order)
         d = self.latent_dim
         mu, raw = head[:, :d], head[:, d:]
         rows, cols = torch.tril_indices(d, d)
         L = raw.new_zeros(raw.shape[0], d, d)
         L[:, rows, cols] = raw
         L = torch.tril(L, -1) + torch.diag_embed(F.softplus(L.diagonal(dim1=-2, dim2=-1)) + TRIL_DIAG_SHIFT)
-        return mu, L
+        z = None if eps is None else mu + (L @ eps.unsqueeze(-1)).squeeze(-1)
+        return mu, L, z, tril_stats(L) if kl_stats else None
 
-    mp.setattr(TriLPosterior, "split", split)
+    mp.setattr(TriLPosterior, "sample", sample)
 
 
 def _bn_buffers_not_transplanted(mp: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,7 @@ from ports.dpsom.losses import (
     neighbour_nodes,
     target_distribution,
 )
-from ports.dpsom.model import DPSOM, TriLPosterior, student_t_q, z_dist_flat
+from ports.dpsom.model import DPSOM, TriLPosterior, student_t_q, tril_stats, z_dist_flat
 from ports.dpsom.optim import TF1Adam, effective_learning_rate
 from ports.dpsom.train import Trainer, fit, schedule
 
@@ -83,25 +83,43 @@ def _fill_scale_tril_composed(raw: torch.Tensor, d: int) -> torch.Tensor:
     return scale_tril
 
 
+def _sample_composed(head: torch.Tensor, eps: torch.Tensor, d: int) -> tuple[torch.Tensor, ...]:
+    """mu, L, z and the KL's statistics of L as autograd composes them from TFP's ops."""
+    mu, scale_tril = head[:, :d], _fill_scale_tril_composed(head[:, d:], d)
+    z = mu + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1)
+    return mu, scale_tril, z, (scale_tril.square().sum((-2, -1)), torch.log(scale_tril.diagonal(dim1=-2, dim2=-1)).sum(-1))
+
+
 @pytest.mark.parametrize("d, dtype", [(3, torch.float32), (100, torch.float32), (100, torch.float64)])
-def test_fill_scale_tril_node_matches_the_composed_ops_bit_for_bit(d, dtype):
-    """The one-node FillScaleTriL (a gather backward) gives the composed ops' L and gradient exactly, so the
-    stored torch runs and baselines stay valid. Raw values span softplus' regimes (|r| up to 30 > its
-    threshold 20); the loss touches L through a matmul, its square and its log-diagonal, as the step does."""
+@pytest.mark.parametrize("use", ["sample", "split"])
+def test_posterior_node_matches_the_composed_ops_bit_for_bit(d, dtype, use):
+    """The one-node posterior (fill, sample and the KL's statistics of L, a packed backward) gives the
+    composed ops' L, z, KL and gradients exactly, so the stored torch runs and baselines stay valid.
+    Raw values span softplus' regimes (|r| up to 30 > its threshold 20). ``sample``: the step's use (z
+    and the KL, as the VAE and joint losses take them); ``split``: L alone, consumed outside the node
+    by a matmul, its square and its log-diagonal."""
     gen = torch.Generator().manual_seed(d)
     n = d * (d + 1) // 2
-    raw0 = (torch.randn(300, n, generator=gen, dtype=dtype) * 10).clamp(-30, 30)
-    eps = torch.randn(300, d, 1, generator=gen, dtype=dtype)
+    head0 = torch.cat([torch.randn(300, d, generator=gen, dtype=dtype), (torch.randn(300, n, generator=gen, dtype=dtype) * 10).clamp(-30, 30)], 1)
+    eps = torch.randn(300, d, generator=gen, dtype=dtype)
+    posterior = TriLPosterior(1, d)
+
+    def node(head):
+        if use == "sample":
+            return posterior.sample(head, eps, kl_stats=True)
+        mu, scale_tril = posterior.split(head)  # z and the statistics from L by the composed ops
+        return mu, scale_tril, mu + (scale_tril @ eps.unsqueeze(-1)).squeeze(-1), tril_stats(scale_tril)
+
     got = []
-    for fill in (lambda r: _fill_scale_tril_composed(r, d), lambda r: TriLPosterior(1, d).split(torch.cat([r[:, :d], r], 1))[1]):
-        raw = raw0.clone().requires_grad_()
-        scale_tril = fill(raw)
-        loss = (scale_tril @ eps).square().sum() + scale_tril.square().sum() - torch.log(scale_tril.diagonal(dim1=-2, dim2=-1)).sum()
+    for forward in (lambda h: _sample_composed(h, eps, d), node):
+        head = head0.clone().requires_grad_()
+        mu, scale_tril, z, stats = forward(head)
+        loss = z.square().sum() * 0.37 + kl_posterior_prior(mu, stats, 1.3)
         loss.backward()
-        got.append((scale_tril.detach(), raw.grad))
-    (l_ref, g_ref), (l_new, g_new) = got
-    assert torch.equal(l_ref, l_new) and torch.equal(g_ref, g_new)
-    assert (l_new.triu(1) == 0).all() and (g_new != 0).any()
+        got.append((scale_tril.detach(), z.detach(), loss.detach(), head.grad))
+    for ref, new in zip(*got):
+        assert torch.equal(ref, new)
+    assert (got[1][0].triu(1) == 0).all() and (got[1][3][:, d:] != 0).any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -140,7 +158,8 @@ def test_kl_matches_torch_distributions(prior_std):
     q = torch.distributions.MultivariateNormal(mu, scale_tril=L)
     p = torch.distributions.MultivariateNormal(torch.zeros_like(mu), scale_tril=prior_std * torch.eye(mu.shape[1], dtype=torch.float64))
     expected = torch.distributions.kl_divergence(q, p).mean().item()
-    assert kl_posterior_prior(mu, L, prior_std).item() == pytest.approx(expected, rel=1e-10)  # same math, float64
+    assert kl_posterior_prior(mu, tril_stats(L), prior_std).item() == pytest.approx(expected, rel=1e-10)  # same math, float64
+    assert all(torch.equal(a, b) for a, b in zip(out.kl_stats, tril_stats(out["posterior.scale_tril"])))  # the model's own
 
 
 # --- losses on hand-checked arrays -------------------------------------------------------------

@@ -179,7 +179,7 @@ def _prior_std_ignored(mp: pytest.MonkeyPatch) -> None:
     import ports.dpsom.losses as losses
 
     kl = losses.kl_posterior_prior
-    mp.setattr(losses, "kl_posterior_prior", lambda mu, scale_tril, prior_std: kl(mu, scale_tril, 1.0))
+    mp.setattr(losses, "kl_posterior_prior", lambda mu, tril_stats, prior_std: kl(mu, tril_stats, 1.0))
 
 
 @pytest.mark.tf

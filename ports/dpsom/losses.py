@@ -31,15 +31,16 @@ def bernoulli_nll(logits: Tensor, x: Tensor) -> Tensor:
     return per_pixel.flatten(1).sum(1).mean()
 
 
-def kl_posterior_prior(mu: Tensor, scale_tril: Tensor, prior_std: float) -> Tensor:
+def kl_posterior_prior(mu: Tensor, tril_stats: tuple[Tensor, Tensor], prior_std: float) -> Tensor:
     """KL(N(mu, L Lᵀ) ‖ N(0, s² I)) averaged over the batch (analytic, as TFP):
 
-    ``½ [‖L‖_F²/s² + ‖mu‖²/s² − D + 2D ln s − 2 Σ_d ln L_dd]``.
+    ``½ [‖L‖_F²/s² + ‖mu‖²/s² − D + 2D ln s − 2 Σ_d ln L_dd]``; ``tril_stats`` = (‖L‖_F², Σ_d ln L_dd) per
+    sample (:func:`model.tril_stats`; the model's forward has them as ``Trace.kl_stats``).
     """
     d = mu.shape[-1]
     s2 = prior_std**2
-    log_det = torch.log(torch.diagonal(scale_tril, dim1=-2, dim2=-1)).sum(-1)
-    kl = 0.5 * (scale_tril.square().sum((-2, -1)) / s2 + mu.square().sum(-1) / s2 - d + 2 * d * math.log(prior_std)) - log_det
+    frob2, log_det = tril_stats
+    kl = 0.5 * (frob2 / s2 + mu.square().sum(-1) / s2 - d + 2 * d * math.log(prior_std)) - log_det
     return kl.mean()
 
 
@@ -103,7 +104,7 @@ def target_distribution(q: Tensor) -> Tensor:
 def elbo_terms(cfg: DPSOMConfig, out: dict[str, Tensor], x: Tensor) -> dict[str, Tensor]:
     """``L_ELBO = NLL + prior · KL_VAE`` (encoder + decoder)."""
     nll = bernoulli_nll(out["decoder.logits"], x)
-    kl = kl_posterior_prior(out["posterior.mu"], out["posterior.scale_tril"], cfg.prior_var)
+    kl = kl_posterior_prior(out["posterior.mu"], out.kl_stats, cfg.prior_var)
     return {"loss.elbo.nll": nll, "loss.elbo.kl": kl, "loss.elbo": nll + cfg.prior * kl}
 
 
