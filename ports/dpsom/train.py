@@ -340,8 +340,10 @@ def _batches(x: np.ndarray, batch_size: int) -> Iterator[tuple[int, np.ndarray]]
 
 
 # Hooks of the own loop (all optional; without them ``fit`` draws its own ε from the trainer's generator):
-# ``eps(shape)`` returns the ε array [n, D] for the next forward the loop makes, in the order it makes
-# them (at the start of a joint epoch the q pass over the whole training set, then one per step);
+# ``eps(shape)`` returns the next ``shape[0]`` rows [n, D] of one stream of ε, which the loop takes in the
+# order its forwards use them (at the start of a joint epoch the q pass over the whole training set, then
+# one batch per step); an epoch's steps are drawn at once, before its first step, and moved to the device
+# in one copy, so a step waits for no host-to-device transfer (the rows are the same as drawn step by step);
 # ``on_step(record)`` receives every step's record (see :func:`run_epoch`).
 EpsSource = Callable[[tuple[int, ...]], np.ndarray]
 
@@ -365,11 +367,12 @@ def run_epoch(trainer: Trainer, epoch: Epoch, x_train: np.ndarray, eps: EpsSourc
         p_all = target_distribution(torch.from_numpy(q)).numpy()
     pending: list[tuple[PendingRecord, dict[str, Any]]] = []
     n = len(x_train) // bs
+    step_eps = None if eps is None else trainer._tensor(eps((n * bs, D)))  # the epoch's ε, drawn in advance
     for ii, xb in _batches(x_train, bs):
         p = None if p_all is None else p_all[ii * bs : (ii + 1) * bs]
         head = None if heads is None else heads[ii * bs : (ii + 1) * bs]
-        pending.append((trainer.step_pending(epoch.phase, xb, epoch.lr_feed, eps=None if eps is None else eps((len(xb), D)), p=p,
-                                             head=head), {"p": p, "p_step": p_step}))
+        e = None if step_eps is None else step_eps[ii * bs : (ii + 1) * bs]
+        pending.append((trainer.step_pending(epoch.phase, xb, epoch.lr_feed, eps=e, p=p, head=head), {"p": p, "p_step": p_step}))
         if len(pending) == sync_every or ii == n - 1:
             yield from zip(resolve_all([r for r, _ in pending]), [used for _, used in pending])
             pending = []
