@@ -243,6 +243,22 @@ def summarise(seconds: Sequence[float]) -> dict[str, float | int]:
     return {"median_s": median, "q1_s": q1, "q3_s": q3, "iqr_s": q3 - q1, "min_s": float(a.min()), "max_s": float(a.max()), "n": int(a.size)}
 
 
+def paired_ratio(a: Sequence[float], b: Sequence[float], confidence: float = 0.95, seed: int = 0) -> dict[str, Any]:
+    """Arm A over arm B round by round: the median of ``a_i / b_i`` (the i-th timed step of each arm ran in
+    the same round of the interleaving, one after the other, so a drift of the machine between rounds, which
+    moves both medians, cancels in each ratio) with its bootstrap confidence interval (scipy.stats.bootstrap,
+    percentile method, seeded). Rounds where either arm failed (NaN) are left out."""
+    from scipy.stats import bootstrap
+
+    r = np.asarray(a, np.float64) / np.asarray(b, np.float64)
+    r = r[np.isfinite(r)]
+    if r.size < 2:
+        return {"median": float(np.median(r)) if r.size else math.nan, "ci": [math.nan, math.nan], "confidence": confidence, "n": int(r.size)}
+    ci = bootstrap((r,), np.median, confidence_level=confidence, method="percentile", n_resamples=2000,
+                   random_state=np.random.default_rng(seed)).confidence_interval
+    return {"median": float(np.median(r)), "ci": [float(ci.low), float(ci.high)], "confidence": confidence, "n": int(r.size)}
+
+
 # --- FLOPs and the floor --------------------------------------------------------------------------------
 def count_flops(port: Any, loss: str, batch: Mapping[str, np.ndarray]) -> dict[str, Any]:
     """FLOPs of one forward + backward of ``loss`` on ``port`` (build it on the ``meta`` device: shapes
@@ -652,24 +668,32 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
 # --- README table ------------------------------------------------------------------------------------
 def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Port arms against the TF reference timed in the same run: one row per phase, quiet and under
-    competition side by side (issue 11's target: port / TF <= 0.9 in every phase, both conditions)."""
+    competition side by side (issue 11's target: port / TF <= 0.9 in every phase, both conditions): the
+    ratio of the two medians, and the round-by-round ratio with its 95 % interval (:func:`paired_ratio`,
+    from the two arms' stored step times)."""
+    def run_of(d: Mapping[str, Any]) -> tuple:
+        return d["model"], d["variant"], d["device"], d["settings"].get("competing", 0), tuple(d["arms"])
+
+    references = {run_of(d): d for d in docs if d["mode"] == REFERENCE}
     rows = []
     for d in docs:
-        if d["framework"] != "torch" or REFERENCE not in d["arms"]:
+        ref = references.get(run_of(d))
+        if d["framework"] != "torch" or ref is None:
             continue
-        competing = d["settings"].get("competing", 0)
         for phase in d["phase_order"]:
-            p = d["phases"][phase]
-            if "error" in p or REFERENCE not in p["ratio_to"]:
+            p, r = d["phases"][phase], ref["phases"][phase]
+            if "error" in p or "error" in r:
                 continue
-            ref_ms = 1e3 * p["median_s"] / p["ratio_to"][REFERENCE]
-            rows.append(f"| {d['model']} / {d['variant']} | {d['device']} | {d['mode']} | {competing} | {phase} | {ref_ms:.4g} | "
-                        f"{1e3 * p['median_s']:.4g} | **{p['ratio_to'][REFERENCE]:.2f}** |")
+            paired = paired_ratio(p["seconds"], r["seconds"])
+            rows.append(f"| {d['model']} / {d['variant']} | {d['device']} | {d['mode']} | {run_of(d)[3]} | {phase} | {1e3 * r['median_s']:.4g} | "
+                        f"{1e3 * p['median_s']:.4g} | **{p['median_s'] / r['median_s']:.2f}** | {paired['median']:.2f} "
+                        f"[{paired['ci'][0]:.2f}, {paired['ci'][1]:.2f}] |")
     if not rows:
         return []
-    return ["Port / TF reference, same run, interleaved (medians):", "",
-            "| model / variant | device | port mode | competing processes | phase | TF reference (ms) | port (ms) | port / TF |",
-            "|---|---|---|---|---|---|---|---|", *rows, "", "Every arm:", ""]
+    return ["Port / TF reference, same run, interleaved (medians; paired: the median of the per-round ratios, "
+            "95 % bootstrap interval):", "",
+            "| model / variant | device | port mode | competing processes | phase | TF reference (ms) | port (ms) | port / TF "
+            "| paired port / TF [95 % CI] |", "|---|---|---|---|---|---|---|---|---|", *rows, "", "Every arm:", ""]
 
 
 def _load_words(doc: Mapping[str, Any]) -> str:
