@@ -10,7 +10,8 @@ tiers report them STRUCTURAL), its shapes against the weights the harness will d
 the suite's own port, which is what the reference holds: no TensorFlow), a bit-exact
 ``set_weights`` / ``get_weights`` round trip, forward tensor names and shapes against the suite's
 own port, float32 vs float64 forward within float32 rounding (relative ``FORWARD_RTOL`` of each
-tensor's scale), loss names, and two identical runs. One line per check; exit code 1 on any FAIL.
+tensor's scale), loss names, and two identical runs (forward, losses, every phase's gradients; in
+this process's torch settings: a fresh one has deterministic algorithms off, as a user's own run). One line per check; exit code 1 on any FAIL.
 """
 
 from __future__ import annotations
@@ -183,7 +184,11 @@ def run(factory: Callable[[Any, str], Any], model: str = "dpsom", variant: str =
         again, l1, l2 = port.forward(batch), port.losses(batch), port.losses(batch)
         bad = [k for k, v in state["f32"].items() if k not in again or np.asarray(v).tobytes() != np.asarray(again[k]).tobytes()]
         bad += [k for k in l1 if l1[k] != l2.get(k)]
-        return not bad, "forward and losses bit-identical on a second run" if not bad else f"differ between two runs: {_names(bad)}"
+        for ph in spec.phases:  # e.g. a gather's gradient summed by threads in any order (CPU index_put_ accumulate)
+            g1, g2 = port.gradients(ph.loss, batch), port.gradients(ph.loss, batch)
+            bad += [f"d{ph.loss}/d{k}" for k in g1 if k not in g2 or np.asarray(g1[k]).tobytes() != np.asarray(g2[k]).tobytes()]
+        what = "forward, losses and every phase's gradients"
+        return not bad, f"{what} bit-identical on a second run" if not bad else f"differ between two runs: {_names(bad)}"
 
     attempt("determinism", deterministic)
     return checks

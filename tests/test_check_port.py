@@ -64,6 +64,38 @@ def test_odd_port_passes_structurally_and_names_what_is_absent():
     assert 0 < rel < check_port.FORWARD_RTOL
 
 
+def test_a_gradient_summed_in_thread_order_fails_determinism_at_full_size(monkeypatch):
+    """The SOM-init gather written as ``embeddings_flat[k]`` (the port's code before it took index_select):
+    with deterministic algorithms off (a fresh process's default) its gradient is index_put_ with
+    accumulate, whose CPU threads add a node's rows in any order. Measured before the fix: the dense
+    loss.som_init gradient differed in 10 of 10 pairs of calls (B=300, D=100, 8x8 SOM); tiny-dense
+    (B=5, D=7) adds too few rows to go parallel, so this check needs ``--variant dense``."""
+    import torch
+
+    from ports.dpsom import train
+    from ports.dpsom.losses import neighbour_nodes, sg
+
+    def indexed(z, embeddings_flat, k, som_dim):
+        zs = sg(z)
+        commit = (zs - embeddings_flat[k]).square().mean()
+        som = (zs.unsqueeze(1) - embeddings_flat[neighbour_nodes(k, som_dim)]).square().mean()
+        return {"loss.som_init.commit": commit, "loss.som_init.som": som, "loss.som_init": som + commit}
+
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)
+    try:
+        if torch.get_num_threads() < 2:
+            pytest.skip("one torch thread: index_put_ accumulate runs serially")
+        ours = {c.name: c for c in check_port.run(faithful, "dpsom", "dense", out=lambda _: None)}
+        monkeypatch.setattr(train, "loss_som_init", indexed)
+        mutant = {c.name: c for c in check_port.run(faithful, "dpsom", "dense", out=lambda _: None)}
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert ours["determinism"].ok, ours["determinism"].note
+    assert not mutant["determinism"].ok
+    assert mutant["determinism"].note == "differ between two runs: dloss.som_init/dsom.embeddings"
+
+
 def test_wrong_canonical_name_fails_naming_it():
     checks, lines = _run(wrong_canonical)
     assert checks["build"].ok and checks["protocol PortSide"].ok
