@@ -102,8 +102,10 @@ def regress(session: nox.Session) -> None:
 
 # glibc returns large freed blocks to the OS and faults them back in on the next step; TF's own
 # allocator keeps them. Keeping them for both sides removes ~10 ms (5 %) of page faults from the
-# torch dense step (measured 190 -> 180 ms) and changes no arithmetic.
-BENCH_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000"}
+# torch dense step (measured 190 -> 180 ms) and changes no arithmetic. OMP_WAIT_POLICY=PASSIVE: spinning
+# OpenMP threads that lose their core to another process stall every parallel region (issue 11); both
+# timing sessions record it (and torch's thread count) with every result.
+BENCH_ENV = {"MALLOC_MMAP_THRESHOLD_": "4000000000", "MALLOC_TRIM_THRESHOLD_": "4000000000", "OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @nox.session(python=PYTHON)
@@ -121,10 +123,9 @@ def bench(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def timing(session: nox.Session) -> None:
     """T6 (harness/timing.py): interleaved step times per phase, FLOPs and % of the GEMM floor -> results/timing/,
-    then the README tables. OMP_WAIT_POLICY=PASSIVE: spinning OpenMP threads that lose their core to another
-    process stall every parallel region (issue 11); recorded in every result. E.g.
+    then the README tables (BENCH_ENV: OMP_WAIT_POLICY=PASSIVE, recorded in every result). E.g.
     ``nox -s timing -- --model dpsom --variant dense --device cuda --modes exact,fast``."""
     _install(session, "torch,tf,test")
     args = session.posargs or ["--model", "dpsom", "--variant", "dense"]
-    session.run("python", "-m", "harness.timing", *args, env={**_env(), **BENCH_ENV, "OMP_WAIT_POLICY": "PASSIVE"})
+    session.run("python", "-m", "harness.timing", *args, env={**_env(), **BENCH_ENV})
     session.run("python", "-m", "harness.readme", env=_env())

@@ -15,11 +15,20 @@ original's whole graph as every step does.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+import torch
+
+from harness.env import git_commit
 
 WARMUP, ROUNDS = 3, 15
 LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
+# what the run chose, stored with every result (nox -s bench sets OMP_WAIT_POLICY=PASSIVE; torch's threads
+# are its default, one per core); TF keeps its own pools
+SETTINGS = {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "commit": git_commit()}
 
 
 def _side(kind: str, variant: str):
@@ -48,11 +57,8 @@ def test_step(benchmark, kind, variant, phase):
     eps = rng.standard_normal((cfg.batch_size, cfg.latent_dim), dtype=np.float32)
     p = np.full((cfg.batch_size, cfg.n_nodes), 1.0 / cfg.n_nodes, np.float32)
     sync = None  # CPU: nothing to wait for
-    if kind == "torch":
-        import torch
-
-        if torch.cuda.is_available():
-            sync = torch.cuda.synchronize
+    if kind == "torch" and torch.cuda.is_available():
+        sync = torch.cuda.synchronize
 
     if phase == "som_init_loop" and kind == "torch":
         trainer, head = side.trainer, side.trainer.frozen_heads(x)
@@ -70,5 +76,5 @@ def test_step(benchmark, kind, variant, phase):
         if sync is not None:
             sync()
 
-    benchmark.extra_info.update(side=kind, variant=variant, phase=phase, batch_size=cfg.batch_size)
+    benchmark.extra_info.update(side=kind, variant=variant, phase=phase, batch_size=cfg.batch_size, **SETTINGS)
     benchmark.pedantic(one_step, rounds=ROUNDS, iterations=1, warmup_rounds=WARMUP)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+SETTINGS = ("torch_threads", "omp_wait_policy", "commit")  # benchmarks/test_step_time.py stores them with every result
+
 
 def table(bench_json: Path) -> pd.DataFrame:
     doc = json.loads(bench_json.read_text())
@@ -20,6 +22,10 @@ def table(bench_json: Path) -> pd.DataFrame:
          "min_s": b["stats"]["min"], "rounds": b["stats"]["rounds"]}
         for b in doc["benchmarks"]
     ]
+    settings = {k: {str(b["extra_info"].get(k, "unrecorded")) for b in doc["benchmarks"]} for k in SETTINGS}
+    mixed = {k: sorted(v) for k, v in settings.items() if len(v) > 1}
+    if mixed:
+        raise ValueError(f"{bench_json}: one table compares one run's settings; these differ between benchmarks: {mixed}")
     df = pd.DataFrame(rows)
     wide = df.pivot_table(index=["variant", "phase"], columns="side", values="median_s")
     if {"torch", "tf"} <= set(wide.columns):
@@ -32,6 +38,8 @@ def table(bench_json: Path) -> pd.DataFrame:
     wide["cores"] = info.get("cpu", {}).get("count", "?")
     wide["rounds"] = int(df["rounds"].min())
     wide["datetime"] = doc.get("datetime", "?")
+    for k, v in settings.items():
+        wide[k] = v.pop() if v else "unrecorded"
     for package in ("torch", "tensorflow"):
         try:
             from importlib.metadata import version
