@@ -49,12 +49,14 @@ def _glorot(module: nn.Module) -> nn.Module:
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """``x W^T + b``: the forward GEMM by oneDNN (what TF's CPU MatMul runs), the two backward GEMMs by
-    ``torch.mm`` (MKL), each the faster one measured on two AMD EPYC hosts (2 threads, batch 300, posterior
-    head 2000 x 5150). Zen 1, 2 GHz: forward oneDNN 145 ms vs MKL 189; grad_input MKL 154 vs oneDNN
-    (W's transposed view) 228; grad_weight MKL 155 vs oneDNN (contiguous transposes) 174; another Zen host
-    at 110 GFLOP/s: grad_input 48.5 vs 55.3, grad_weight 54.1 vs 61.4. Same IEEE float32 arithmetic,
-    another summation order."""
+    """``x W^T + b``: the forward GEMM by oneDNN (what TF's CPU MatMul runs); the two backward GEMMs by
+    oneDNN too on an AVX-512 host, by ``torch.mm`` (MKL) on an AVX2 one: each the faster one measured
+    (2 threads, batch 300, posterior head 2000 x 5150; oneDNN's operands are transposed views, no copy).
+    Zen 1 (AVX2, 2 GHz): forward oneDNN 145 ms vs MKL 189; grad_input MKL 154 vs oneDNN 228;
+    grad_weight MKL 155 vs oneDNN 174. Zen 5 (AVX-512, where MKL does not take its AVX-512 path on an
+    AMD CPU): forward oneDNN 15.7 vs MKL 31.0; grad_input oneDNN 12.8 vs MKL 29.0; grad_weight oneDNN
+    24.2 vs MKL 37.8 (and 1.5-2.2x on every other dense layer). Same IEEE float32 arithmetic, another
+    summation order: one rule per host, so one host's runs are bit-reproducible."""
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:  # type: ignore[override]
@@ -64,8 +66,12 @@ class _OneDNNLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         x, weight = ctx.saved_tensors
-        gx = torch.mm(grad, weight) if ctx.needs_input_grad[0] else None
-        gw = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
+        if _ONEDNN_BACKWARD:  # _linear_pointwise(a, b) = a b^T
+            gx = torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "") if ctx.needs_input_grad[0] else None
+            gw = torch.ops.mkldnn._linear_pointwise(grad.t(), x.t(), None, "none", [], "") if ctx.needs_input_grad[1] else None
+        else:
+            gx = torch.mm(grad, weight) if ctx.needs_input_grad[0] else None
+            gw = torch.mm(grad.t(), x) if ctx.needs_input_grad[1] else None
         gb = grad.sum(0) if ctx.needs_input_grad[2] else None
         return gx, gw, gb
 
@@ -88,6 +94,7 @@ class Dense(nn.Linear):
 
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_BACKWARD = torch.backends.cpu.get_cpu_capability() == "AVX512"  # see _OneDNNLinear
 
 
 def device_generator(device: torch.device | str, seed: int) -> torch.Generator:
