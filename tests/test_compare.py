@@ -237,6 +237,15 @@ def test_constant_ratio_not_constant_or_unity():
     assert constant_ratio(A, 2 * A * np.array([1.0, 1 + 1e-6, 1.0, 1.0, 1 - 1e-6])).startswith("constant ratio B/A = x2 ")
 
 
+def test_constant_ratio_tolerates_a_near_zero_element_off_by_its_operands_rounding():
+    """A GEMM output c·a where one entry came out of cancellation: its own ratio is off by 5e-3, the
+    tensor is c·a to 1e-9 of its scale (what T2's BN-before-activation layer showed on an AVX-512 host)."""
+    a = np.array([1.0, -2.0, 3.0, 1e-6])
+    b = 2 * a + np.array([0.0, 0.0, 0.0, 1e-8])
+    assert abs(b[3] / a[3] / 2 - 1) > 1e-4  # the element's own ratio is outside the spread
+    assert constant_ratio(a, b).startswith("constant ratio B/A = x2 ")
+
+
 def test_compare_fail_names_constant_ratio():
     r = compare("loss", A, 4 * A, floor=1e-6, multiple=10)
     assert r.verdict == "FAIL"

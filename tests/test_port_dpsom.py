@@ -314,6 +314,28 @@ def test_gradient_flow_table(phase, loss_key, owners):
     assert _grad_owners(trainer, phase, loss_key, x, eps, p) == owners
 
 
+@pytest.mark.parametrize("variant", ["tiny-dense", "tiny-conv"])
+def test_no_phase_gradient_sums_rows_in_thread_order(variant):
+    """No backward node of any phase accumulates by ``index_put_`` (advanced indexing's
+    ``IndexBackward0``): on CPU its threads add rows for the same index in any order unless torch's
+    deterministic mode is on; before the SOM-init gathers took index_select, two fits of one dense run
+    (1500 images, 35 steps, 2 threads) diverged from the first som_init step. Structural, because a race
+    is not provoked on demand (two pytest workers on two cores run its threads one after the other)."""
+    trainer = Trainer(get_config(variant))
+    x, eps = _batch(trainer.config)
+    p = torch.softmax(torch.randn(x.shape[0], trainer.config.n_nodes), 1)
+    for phase, loss in (("vae", "loss.elbo"), ("som_init", "loss.som_init"), ("joint", "loss.total")):
+        seen, todo, nodes = set(), [trainer.compute_terms(phase, x, eps, p)[loss].grad_fn], []
+        while todo:
+            fn = todo.pop()
+            if fn is None or fn in seen:
+                continue
+            seen.add(fn)
+            nodes.append(type(fn).__name__)
+            todo += [f for f, _ in fn.next_functions]
+        assert len(nodes) > 5 and "IndexBackward0" not in nodes and "IndexPutBackward0" not in nodes, (phase, sorted(set(nodes)))
+
+
 # --- optimizer and schedule -------------------------------------------------------------------
 
 

@@ -93,7 +93,7 @@ def loss_som_init(z: Tensor, embeddings_flat: Tensor, k: Tensor, som_dim: tuple[
     batch order on CPU whatever torch's deterministic flag, whereas ``embeddings_flat[k]``'s
     (``index_put_`` with accumulate) adds them from several threads in any order unless
     ``torch.use_deterministic_algorithms(True)``; the floats are that mode's (measured: 200 of 200 random
-    B=300 batches bit-identical), so T3/T4 are unchanged (tests/test_check_port.py has the old form).
+    B=300 batches bit-identical), so T3/T4 are unchanged (tests/test_port_dpsom.py: no IndexBackward0).
     """
     zs = sg(z)
     nodes = neighbour_nodes(k, som_dim)
