@@ -28,7 +28,7 @@ LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
 # what the run chose, stored with every result (nox -s bench sets OMP_WAIT_POLICY=PASSIVE; torch's threads
 # are its default, one per core); TF keeps its own pools
 SETTINGS = {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-            "commit": git_commit()}
+            "commit": git_commit(), "cpu_isa": torch.backends.cpu.get_cpu_capability()}
 
 
 def _side(kind: str, variant: str):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SETTINGS = ("torch_threads", "omp_wait_policy", "commit")  # benchmarks/test_step_time.py stores them with every result
+SETTINGS = ("torch_threads", "omp_wait_policy", "commit", "cpu_isa")  # benchmarks/test_step_time.py stores them with every result
 
 
 def table(bench_json: Path) -> pd.DataFrame:
@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     df = table(src)
     import torch
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # one file per device kind: a CPU's per ISA (harness.timing.cpu_isa: AVX2 and AVX-512 hosts rank the frameworks differently)
+    device = "cuda" if torch.cuda.is_available() else f"cpu-{str(df['cpu_isa'].iloc[0]).lower()}"
     out = src.parent / f"dpsom-step-torch{'.'.join(torch.__version__.split('.')[:2])}-{device}.csv"
     df.to_csv(out, index=False, float_format="%.4f")
     print(df.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -63,7 +63,7 @@ def _bench(results: Path) -> str:
         df = pd.read_csv(path)
         row = df.iloc[0]
         lines += [
-            f"`{path.name}`: {row['cpu']}, {row['cores']} cores, torch {row['torch_version']}, TF {row['tensorflow_version']}, "
+            f"`{path.name}`: {row['cpu']}{' ' + str(row['cpu_isa']) if 'cpu_isa' in row else ''}, {row['cores']} cores, torch {row['torch_version']}, TF {row['tensorflow_version']}, "
             f"median of {row['rounds']} steps (batch 300), one run"
             + (f", {row['torch_threads']} torch threads, OMP_WAIT_POLICY={row['omp_wait_policy']}, commit {str(row['commit'])[:12]}{'+dirty' if str(row['commit']).endswith('+dirty') else ''}"
                if "commit" in row else ""),

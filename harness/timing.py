@@ -482,6 +482,35 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The vector ISA torch dispatches to (``AVX512``, ``AVX2``, ...): it picks the port's kernels (the
+    Dense backward's library, ports/dpsom/model.py) and MKL's and oneDNN's paths, so CPU timings of two
+    ISAs are two results, not one measured twice (Zen 1 AVX2 and Zen 5 AVX-512 rank the two frameworks
+    the other way round)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def _cpu_family_model() -> str:
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:12] if ":" in line)
+        return f"family {fields['cpu family'].strip()} model {fields['model'].strip()}"
+    except (OSError, KeyError):
+        return "?"
+
+
+def host_tag(device: str) -> str:
+    """The device part of a result's file name: ``cpu-avx512`` on CPU (:func:`cpu_isa`), ``cuda0`` on a GPU."""
+    return f"cpu-{cpu_isa().lower()}" if device == "cpu" else device.replace(":", "")
+
+
+def device_label(doc: Mapping[str, Any]) -> str:
+    """The device column of the tables: ``cpu AVX512``; plain ``cpu`` for results stored before the ISA was."""
+    isa = doc["environment"].get("cpu_isa") if doc["device"] == "cpu" else None
+    return f"{doc['device']} {isa}" if isa else doc["device"]
+
+
 def _nvidia_driver() -> str | None:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True, timeout=10)
@@ -503,7 +532,8 @@ def environment(device: str) -> dict[str, Any]:
                     "cudnn": torch.backends.cudnn.version(), "driver": _nvidia_driver(),
                     "device_memory_gib": round(torch.cuda.get_device_properties(index).total_memory / 2**30, 1)})
     else:
-        env.update({"device_name": env["cpu"], "cuda_runtime": None, "cudnn": None, "driver": None})
+        env.update({"device_name": f"{env['cpu']} ({_cpu_family_model()}, {cpu_isa()})", "cpu_isa": cpu_isa(),
+                    "cuda_runtime": None, "cudnn": None, "driver": None})
     return env
 
 
@@ -537,7 +567,7 @@ def _reference_settings(device: str) -> dict[str, Any]:
 
 
 def result_path(out: Path, model: str, variant: str, device: str, mode: str, compete: int = 0) -> Path:
-    return Path(out) / f"{model}-{variant}-{device.replace(':', '')}-{mode}{compete_suffix(compete).replace('_', '')}.json"
+    return Path(out) / f"{model}-{variant}-{host_tag(device)}-{mode}{compete_suffix(compete).replace('_', '')}.json"
 
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
@@ -672,7 +702,7 @@ def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
     ratio of the two medians, and the round-by-round ratio with its 95 % interval (:func:`paired_ratio`,
     from the two arms' stored step times)."""
     def run_of(d: Mapping[str, Any]) -> tuple:
-        return d["model"], d["variant"], d["device"], d["settings"].get("competing", 0), tuple(d["arms"])
+        return d["model"], d["variant"], device_label(d), d["settings"].get("competing", 0), tuple(d["arms"])
 
     references = {run_of(d): d for d in docs if d["mode"] == REFERENCE}
     rows = []
@@ -685,7 +715,7 @@ def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
             if "error" in p or "error" in r:
                 continue
             paired = paired_ratio(p["seconds"], r["seconds"])
-            rows.append(f"| {d['model']} / {d['variant']} | {d['device']} | {d['mode']} | {run_of(d)[3]} | {phase} | {1e3 * r['median_s']:.4g} | "
+            rows.append(f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} | {run_of(d)[3]} | {phase} | {1e3 * r['median_s']:.4g} | "
                         f"{1e3 * p['median_s']:.4g} | **{p['median_s'] / r['median_s']:.2f}** | {paired['median']:.2f} "
                         f"[{paired['ci'][0]:.2f}, {paired['ci'][1]:.2f}] |")
     if not rows:
@@ -728,11 +758,11 @@ def markdown(folder: Path) -> str:
         for phase in d["phase_order"]:
             p = d["phases"][phase]
             if "error" in p:
-                lines.append(f"| {d['model']} / {d['variant']} | {d['device']} | {d['mode']} (`{d['key']}`) | {phase} | failed: "
+                lines.append(f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} (`{d['key']}`) | {phase} | failed: "
                              f"{p['error'][:120]} | | 0 | {p['flops'] / 1e9:.3g} | | | |")
                 continue
             ratios = ", ".join(f"{v:.2f}× {k}" for k, v in sorted(p["ratio_to"].items())) or "–"
-            lines.append(f"| {d['model']} / {d['variant']} | {d['device']} | {d['mode']} (`{d['key']}`) | {phase} | {1e3 * p['median_s']:.3g} | "
+            lines.append(f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} (`{d['key']}`) | {phase} | {1e3 * p['median_s']:.3g} | "
                          f"{1e3 * p['iqr_s']:.2g} | {p['n']} | {p['flops'] / 1e9:.3g} | {peak['flops_per_s'] / 1e12:.3g} | "
                          f"{p['pct_of_floor']:.2g} | {ratios} |")
     return "\n".join(lines + [""] + [f"- {n}" for n in notes])

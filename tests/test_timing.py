@@ -18,6 +18,8 @@ torch = pytest.importorskip("torch", reason="torch not installed: the timing tie
 from harness import timing  # noqa: E402
 from harness.spec import get_spec  # noqa: E402
 
+CPU = timing.host_tag("cpu")  # the device part of a CPU result's file name, with this host's ISA (cpu-avx2, cpu-avx512, ...)
+
 
 def _batch(model: str, variant: str, seed: int = 0):
     spec = get_spec(model)
@@ -200,17 +202,18 @@ def stored(tmp_path_factory):
 
 def test_result_files_and_schema(stored):
     out, docs = stored
-    assert sorted(p.name for p in out.iterdir()) == ["dekm-tiny-dense-cpu-exact.json", "dekm-tiny-dense-cpu-fast.json"]
+    assert sorted(p.name for p in out.iterdir()) == [f"dekm-tiny-dense-{CPU}-exact.json", f"dekm-tiny-dense-{CPU}-fast.json"]
     spec = get_spec("dekm")
     for doc in docs:
-        on_disk = json.loads((out / f"dekm-tiny-dense-cpu-{doc['mode']}.json").read_text())
+        on_disk = json.loads((out / f"dekm-tiny-dense-{CPU}-{doc['mode']}.json").read_text())
         assert on_disk["key"] == doc["key"] and on_disk["schema"] == timing.SCHEMA
         for field in ("model", "variant", "device", "mode", "framework", "settings", "applied", "environment", "peak", "arms",
                       "warmup", "repeats", "batch_size", "data", "seed", "flops_method", "clock", "phases"):
             assert field in on_disk, field
         env = on_disk["environment"]
-        for field in ("device_name", "driver", "cuda_runtime", "version.torch", "git_commit", "cpu"):
+        for field in ("device_name", "driver", "cuda_runtime", "version.torch", "git_commit", "cpu", "cpu_isa"):
             assert field in env, field
+        assert CPU == "cpu-" + env["cpu_isa"].lower() and env["cpu_isa"] in env["device_name"]
         s = on_disk["settings"]
         assert {k: s[k] for k in ("tf32", "cudnn_benchmark", "deterministic")} == timing.MODES[doc["mode"]]
         assert (s["threads"], on_disk["applied"]["threads"], on_disk["applied"]["tf32_matmul"]) == (1, 1, s["tf32"])
@@ -275,7 +278,7 @@ def test_readme_timing_table(stored, tmp_path):
     rows = [line for line in section.splitlines() if line.startswith("| dekm / tiny-dense")]
     assert len(rows) == 4  # two arms x two phases
     assert any("exact (`cpu-exact-tf32_0" in r and "| pretrain |" in r for r in rows)
-    assert "`dekm-tiny-dense-cpu-fast.json`" in section
+    assert f"`dekm-tiny-dense-{CPU}-fast.json`" in section
 
 
 def test_competing_processes_really_compete_and_are_gone_afterwards():
@@ -303,7 +306,7 @@ def test_competing_processes_really_compete_and_are_gone_afterwards():
 def test_competition_is_in_the_key_the_file_name_and_the_table(tmp_path):
     (doc,) = timing.run("dekm", "tiny-dense", "cpu", ("exact",), repeats=2, warmup=1, threads=1, gemm_n=64, out=tmp_path, compete=1)
     assert doc["key"].endswith("-compete_1") and doc["settings"]["competing"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["dekm-tiny-dense-cpu-exact-compete1.json"]
+    assert [p.name for p in tmp_path.iterdir()] == [f"dekm-tiny-dense-{CPU}-exact-compete1.json"]
     assert len(doc["competitors"]) == 1 and doc["competitors"][0]["cpu_s"] > 0
     assert len(doc["load_average_before"]) == 3
     assert "1 competing CPU-bound process(es) running throughout" in timing.markdown(tmp_path)
@@ -317,13 +320,13 @@ def test_port_against_the_reference_in_one_run(tmp_path):
     exact, ref = timing.run("dpsom", "tiny-dense", "cpu", ("exact",), reference=True, repeats=3, warmup=1, threads=1, gemm_n=64,
                             out=tmp_path, profile=True)
     assert (exact["framework"], ref["framework"], ref["mode"]) == ("torch", "tensorflow", timing.REFERENCE)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["dpsom-tiny-dense-cpu-exact.json", "dpsom-tiny-dense-cpu-reference.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"dpsom-tiny-dense-{CPU}-exact.json", f"dpsom-tiny-dense-{CPU}-reference.json"]
     table = timing.markdown(tmp_path)
     for phase in exact["phase_order"]:
         port_s, ref_s = exact["phases"][phase]["median_s"], ref["phases"][phase]["median_s"]
         assert exact["phases"][phase]["ratio_to"]["reference"] == pytest.approx(port_s / ref_s)
         paired = np.median(np.asarray(exact["phases"][phase]["seconds"]) / np.asarray(ref["phases"][phase]["seconds"]))
-        assert (f"| dpsom / tiny-dense | cpu | exact | 0 | {phase} | {1e3 * ref_s:.4g} | {1e3 * port_s:.4g} | **{port_s / ref_s:.2f}** | "
+        assert (f"| dpsom / tiny-dense | cpu {timing.cpu_isa()} | exact | 0 | {phase} | {1e3 * ref_s:.4g} | {1e3 * port_s:.4g} | **{port_s / ref_s:.2f}** | "
                 f"{paired:.2f} [") in table
 
     # --profile: both arms by their own profiler, on the same canonical layer names (the mapping table)
