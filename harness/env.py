@@ -48,14 +48,15 @@ def seed_all(seed: int, *, deterministic: bool = True) -> dict[str, Any]:
 
 
 def git_commit(root: Path | None = None) -> str | None:
-    """HEAD, "+dirty" when tracked code differs from it; results/ is left out: what the suite itself
-    writes there (a timing run written before the next one starts) does not make the code dirty."""
+    """HEAD, "+dirty" when tracked code differs from it; results/ and README.md are left out: what the
+    suite itself writes there (a timing run written before the next one starts, the README tables it
+    regenerates) does not make the code dirty."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root or Path(__file__).resolve().parent, capture_output=True, text=True, timeout=5
         )
         commit = out.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results"], cwd=root or Path(__file__).resolve().parent,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)results", ":(top,exclude)README.md"], cwd=root or Path(__file__).resolve().parent,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return (commit + ("+dirty" if dirty else "")) or None
     except (OSError, subprocess.SubprocessError):
