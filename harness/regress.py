@@ -7,11 +7,15 @@
 2. **CPU-sized schedule runs** (``regress.toml``, matrix format: DPSOM dense, reduced schedule on an
    MNIST subset, fixed seeds, both frameworks; rerun fresh into ``--out``), every metric's mean over
    the seeds per framework against the stored baseline (results/regress/runs): a drift when
-   |now − baseline| > band, band = ``BAND_K`` × the larger of two standard errors of that mean,
-   both read off the baseline: over its seeds (sd / √n), and under float-level perturbation (the
-   TF-vs-torch difference at one seed is two float32 roundings of the same run apart, so one
-   run's rounding moves the metric by σ_f = rms(d) / √2, a mean of n by σ_f / √n: what another
-   CPU's kernels may do to the rerun). At least ``BAND_FLOOR``.
+   |now − baseline| > band, band = ``BAND_K`` × the larger of two standard errors, both read off
+   the baseline: of its mean over its seeds (sd / √n), and of a difference of two means under
+   float-level perturbation. The TF-vs-torch difference d at one seed is two float32 roundings of
+   the same run apart (one run's rounding moves the metric by σ_f = rms(d) / √2); a rerun on another
+   CPU's kernels, or on another library's GEMM, is another rounding of each run, so now − baseline
+   is again two roundings apart: σ_f·√2 = rms(d) per seed, rms(d) / √n for the mean of n. (Until
+   e639f68 the band took σ_f / √n, √2 too narrow for that: on a Zen 5 host the port's oneDNN backward
+   moved the torch ``acc`` mean by −0.0111 against a band of 0.0111, while the host alone moved TF's
+   topographic error by −0.019.) At least ``BAND_FLOOR``.
 
 Prints every comparison and exits 1 listing the drifts (metric, baseline, now, delta, band).
 ``--update-baseline`` reruns part 2 into results/regress (nothing else is ever written there);
@@ -57,7 +61,7 @@ def metric_drifts(baseline: pd.DataFrame, now: pd.DataFrame) -> pd.DataFrame:
             sem = float(np.std(b, ddof=1) / np.sqrt(len(b))) if len(b) > 1 else 0.0
             pair = wide.xs(tuple(key[:-1]), level=tuple(keys[:-1]))[col] if {(col, "tf"), (col, "torch")} <= set(wide.columns) else None
             d = (pair["tf"] - pair["torch"]).dropna().to_numpy() if pair is not None else np.zeros(0)
-            rounding = float(np.sqrt(np.mean(d**2) / 2) / np.sqrt(len(b))) if len(d) else 0.0
+            rounding = float(np.sqrt(np.mean(d**2)) / np.sqrt(len(b))) if len(d) else 0.0  # two roundings apart: rms(d) / √n
             band = max(BAND_K * max(sem, rounding), BAND_FLOOR)
             value = float(n_now.mean()) if len(n_now) == len(b) else float("nan")  # a lost seed is a drift
             delta = value - float(b.mean())
