@@ -752,7 +752,9 @@ def markdown(folder: Path) -> str:
         env, peak = d["environment"], d["peak"]
         notes.append(f"`{path.name}`: {env.get('device_name')}"
                      + (f", driver {env['driver']}, CUDA {env['cuda_runtime']}" if env.get("cuda_runtime") else "")
-                     + f", torch {env.get('version.torch', '?')}, TF {env.get('version.tensorflow', 'not loaded')}, commit "
+                     + f", torch {env.get('version.torch', '?')}, TF {env.get('version.tensorflow', 'not loaded')}"
+                     + ({True: " (oneDNN on)", False: " (oneDNN off)"}.get(env.get("tf.onednn"), "") if d["framework"] == "tensorflow" else "")
+                     + ", commit "
                      f"{str(env.get('git_commit'))[:12]}; {d['repeats']} interleaved steps per arm ({', '.join(d['arms'])}), warm-up {d['warmup']}, "
                      f"batch {d['batch_size']}; {_load_words(d)}")
         for phase in d["phase_order"]:

@@ -320,6 +320,7 @@ def test_port_against_the_reference_in_one_run(tmp_path):
     exact, ref = timing.run("dpsom", "tiny-dense", "cpu", ("exact",), reference=True, repeats=3, warmup=1, threads=1, gemm_n=64,
                             out=tmp_path, profile=True)
     assert (exact["framework"], ref["framework"], ref["mode"]) == ("torch", "tensorflow", timing.REFERENCE)
+    assert isinstance(ref["environment"]["tf.onednn"], bool)  # TF's own kernel library, which it picks per CPU
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"dpsom-tiny-dense-{CPU}-exact.json", f"dpsom-tiny-dense-{CPU}-reference.json"]
     table = timing.markdown(tmp_path)
     for phase in exact["phase_order"]:
