@@ -21,14 +21,14 @@ import numpy as np
 import pytest
 import torch
 
-from harness.env import git_commit
+from harness.env import cpu_isa, git_commit
 
 WARMUP, ROUNDS = 3, 15
 LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
 # what the run chose, stored with every result (nox -s bench sets OMP_WAIT_POLICY=PASSIVE; torch's threads
 # are its default, one per core); TF keeps its own pools
 SETTINGS = {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-            "commit": git_commit(), "cpu_isa": torch.backends.cpu.get_cpu_capability()}
+            "commit": git_commit(), "cpu_isa": cpu_isa()}
 
 
 def _side(kind: str, variant: str):

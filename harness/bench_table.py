@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     df = table(src)
     import torch
 
-    # one file per device kind: a CPU's per ISA (harness.timing.cpu_isa: AVX2 and AVX-512 hosts rank the frameworks differently)
+    # one file per device kind: a CPU's per ISA (harness.env.cpu_isa: AVX2 and AVX-512 hosts rank the frameworks differently)
     device = "cuda" if torch.cuda.is_available() else f"cpu-{str(df['cpu_isa'].iloc[0]).lower()}"
     out = src.parent / f"dpsom-step-torch{'.'.join(torch.__version__.split('.')[:2])}-{device}.csv"
     df.to_csv(out, index=False, float_format="%.4f")

@@ -63,6 +63,16 @@ def git_commit(root: Path | None = None) -> str | None:
         return None
 
 
+def cpu_isa() -> str:
+    """The vector ISA torch dispatches to (``AVX512``, ``AVX2``, ...): it picks the port's kernels (the
+    Dense backward's library, ports/dpsom/model.py) and MKL's and oneDNN's paths, so results of two
+    ISAs are two results, not one measured twice (Zen 1 AVX2 and Zen 5 AVX-512 rank the two frameworks'
+    CPU step times the other way round)."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
 def fingerprint() -> dict[str, Any]:
     """Versions of the frameworks already imported (never imports TF just to report it), device, threads."""
     info: dict[str, Any] = {
@@ -84,6 +94,7 @@ def fingerprint() -> dict[str, Any]:
         info["torch.tf32_matmul"] = torch.backends.cuda.matmul.allow_tf32
         info["torch.tf32_cudnn"] = torch.backends.cudnn.allow_tf32
         info["torch.deterministic"] = torch.are_deterministic_algorithms_enabled()
+        info["cpu_isa"] = cpu_isa()
     if "tensorflow" in sys.modules:
         tf = sys.modules["tensorflow"]
         info["tf.gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]

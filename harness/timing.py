@@ -58,6 +58,7 @@ from typing import Any
 
 import numpy as np
 
+from harness.env import cpu_isa
 from harness.protocols import Unsupported
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -482,16 +483,6 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def cpu_isa() -> str:
-    """The vector ISA torch dispatches to (``AVX512``, ``AVX2``, ...): it picks the port's kernels (the
-    Dense backward's library, ports/dpsom/model.py) and MKL's and oneDNN's paths, so CPU timings of two
-    ISAs are two results, not one measured twice (Zen 1 AVX2 and Zen 5 AVX-512 rank the two frameworks
-    the other way round)."""
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
-
-
 def _cpu_family_model() -> str:
     try:
         fields = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()[:12] if ":" in line)
@@ -532,8 +523,8 @@ def environment(device: str) -> dict[str, Any]:
                     "cudnn": torch.backends.cudnn.version(), "driver": _nvidia_driver(),
                     "device_memory_gib": round(torch.cuda.get_device_properties(index).total_memory / 2**30, 1)})
     else:
-        env.update({"device_name": f"{env['cpu']} ({_cpu_family_model()}, {cpu_isa()})", "cpu_isa": cpu_isa(),
-                    "cuda_runtime": None, "cudnn": None, "driver": None})
+        env.update({"device_name": f"{env['cpu']} ({_cpu_family_model()}, {env['cpu_isa']})", "cuda_runtime": None, "cudnn": None,
+                    "driver": None})
     return env
 
 
