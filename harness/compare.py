@@ -167,7 +167,9 @@ def constant_ratio(a: np.ndarray, b: np.ndarray, spread: float = 1e-4) -> str:
     largest value) and nothing more; 1e-4 of it keeps a genuinely different computation from looking
     like a rescaling. Measured against the tensor's scale, not each element's: an element near zero
     from cancellation (a dot product of a GEMM) carries its operands' rounding, so its own ratio can
-    be off by 1e-3 while the tensor is c·a to 1e-7 (seen in T2 on an AVX-512 host).
+    be off by more than the spread while the tensor is c·a to float32 rounding. Measured in T2 on an
+    AVX-512 host (BN moved before the activation, encoder.fc3, 5 x 37): ratio spread 1.3e-4, |b - c·a|
+    2.7e-7 of the scale; the tensors that are not a rescaling there stay at 4.8e-2 to 0.8 of it.
     """
     finite = np.isfinite(a) & np.isfinite(b)
     mask = (a != 0) & finite
