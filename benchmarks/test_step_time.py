@@ -21,14 +21,16 @@ import numpy as np
 import pytest
 import torch
 
+import reference_tf  # noqa: F401  pins TF's kernel library (TF_ENABLE_ONEDNN_OPTS) before TF loads
 from harness.env import cpu_isa, git_commit
 
 WARMUP, ROUNDS = 3, 15
 LR = {"vae": 1e-3, "som_init": 0.9, "joint": 1e-3}
 # what the run chose, stored with every result (nox -s bench sets OMP_WAIT_POLICY=PASSIVE; torch's threads
-# are its default, one per core); TF keeps its own pools
+# are its default, one per core); TF keeps its own pools, and its kernel library is reference_tf's pin
+# (0: Eigen) unless the user set TF_ENABLE_ONEDNN_OPTS
 SETTINGS = {"torch_threads": torch.get_num_threads(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-            "commit": git_commit(), "cpu_isa": cpu_isa()}
+            "commit": git_commit(), "cpu_isa": cpu_isa(), "tf_onednn_opts": os.environ["TF_ENABLE_ONEDNN_OPTS"]}
 
 
 def _side(kind: str, variant: str):

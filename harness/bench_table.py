@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 
-SETTINGS = ("torch_threads", "omp_wait_policy", "commit", "cpu_isa")  # benchmarks/test_step_time.py stores them with every result
+SETTINGS = ("torch_threads", "omp_wait_policy", "commit", "cpu_isa", "tf_onednn_opts")  # benchmarks/test_step_time.py stores them with every result
 
 
 def table(bench_json: Path) -> pd.DataFrame:

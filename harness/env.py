@@ -100,13 +100,10 @@ def fingerprint() -> dict[str, Any]:
         info["tf.gpus"] = [d.name for d in tf.config.list_physical_devices("GPU")]
         info["tf.tf32"] = tf.config.experimental.tensor_float_32_execution_enabled()
         info["tf.legacy_keras"] = os.environ.get("TF_USE_LEGACY_KERAS")
-        # TF turns its oneDNN kernels (and their memory pools) on by itself on some CPUs unless
-        # TF_ENABLE_ONEDNN_OPTS says otherwise: another kernel library, other floats, +3 GiB on conv (Zen 5)
+        # reference_tf pins TF_ENABLE_ONEDNN_OPTS=0 (TF would turn oneDNN on by itself on some CPUs:
+        # another kernel library, other floats, +3 GiB on conv on Zen 5); a user's explicit 1 still wins
         info["tf.onednn_env"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-        try:
-            from tensorflow.python.util import _pywrap_util_port
+        from reference_tf import onednn_enabled
 
-            info["tf.onednn"] = bool(_pywrap_util_port.IsMklEnabled())
-        except (ImportError, AttributeError):
-            info["tf.onednn"] = None
+        info["tf.onednn"] = onednn_enabled()
     return info

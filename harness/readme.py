@@ -66,7 +66,9 @@ def _bench(results: Path) -> str:
             f"`{path.name}`: {row['cpu']}{' ' + str(row['cpu_isa']) if 'cpu_isa' in row else ''}, {row['cores']} cores, torch {row['torch_version']}, TF {row['tensorflow_version']}, "
             f"median of {row['rounds']} steps (batch 300), one run"
             + (f", {row['torch_threads']} torch threads, OMP_WAIT_POLICY={row['omp_wait_policy']}, commit {str(row['commit'])[:12]}{'+dirty' if str(row['commit']).endswith('+dirty') else ''}"
-               if "commit" in row else ""),
+               if "commit" in row else "")
+            + (f", TF oneDNN {'on' if str(row['tf_onednn_opts']) in ('1', 'true', 'True') else 'off'} (TF_ENABLE_ONEDNN_OPTS={row['tf_onednn_opts']})"
+               if "tf_onednn_opts" in row else ""),
             "",
             "| variant | phase | TF (ms) | IQR | torch (ms) | IQR | torch / TF |",
             "|---|---|---|---|---|---|---|",

@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"{script}: not found (SOURCE_DIR is the dpsom/ folder of a ratschlab/dpsom checkout)")
     if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
         raise SystemExit("set TF_USE_LEGACY_KERAS=1: the original graph runs unchanged under TF 2.21 with tf-keras only")
+    import reference_tf  # noqa: F401  (the reference's TF environment, Eigen kernels, before TF loads)
     import tensorflow.compat.v1 as tf
 
     datasets = tf.keras.datasets  # the module objects the original's calls resolve through

@@ -6,6 +6,8 @@ import importlib.util
 
 import pytest
 
+import reference_tf  # noqa: F401  pins TF's environment (TF_ENABLE_ONEDNN_OPTS) before any test module loads TF
+
 
 def _tensorflow_installed() -> bool:
     """Whether ``import tensorflow`` could work, found without importing it (that takes seconds)."""

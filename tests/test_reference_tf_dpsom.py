@@ -703,3 +703,33 @@ def test_cli_rejects_unknown_keys(capsys):
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and re.match(r"error: .*bogus.*valid keys.*run-level keys", err), err
+
+
+# --- the reference's kernel library ----------------------------------------------------------------
+def _python(code: str, **env: str) -> "subprocess.CompletedProcess[str]":
+    import os
+    import subprocess
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    return subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("env, expected", [({}, "False"), ({"TF_ENABLE_ONEDNN_OPTS": "1"}, "True")], ids=["pinned", "user-on"])
+def test_the_reference_runs_eigen_kernels_unless_the_user_asks_for_onednn(env, expected):
+    """TF >= 2.9 turns oneDNN on by itself on AVX512_VNNI CPUs (Zen 5: IsMklEnabled() true with the
+    variable unset); importing reference_tf first pins it off, and a user's explicit 1 still wins."""
+    probe = "import reference_tf.dpsom.model; from harness.env import fingerprint; print(fingerprint()['tf.onednn'])"
+    got = _python(probe, **env)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.split()[-1] == expected
+
+
+def test_tensorflow_loaded_before_the_pin_is_named_not_run():
+    """TF reads TF_ENABLE_ONEDNN_OPTS once, when it loads: a session that imported it with oneDNN on and
+    then asks for the reference with the variable at 0 would silently run the other kernel library."""
+    code = ("import os, tensorflow; os.environ['TF_ENABLE_ONEDNN_OPTS'] = '0'\n"
+            "from reference_tf import require_tensorflow; require_tensorflow()")
+    got = _python(code, TF_ENABLE_ONEDNN_OPTS="1")
+    assert got.returncode != 0
+    assert "imported before reference_tf pinned it" in got.stderr and "TF_ENABLE_ONEDNN_OPTS='0'" in got.stderr
