@@ -548,8 +548,10 @@ def _finite(record: Mapping[str, Any]) -> bool:
 def _reference_settings(device: str) -> dict[str, Any]:
     """The TF reference's own speed settings, as TensorFlow reports them (0 threads: TF's default, one per core)."""
     tf = sys.modules.get("tensorflow")
+    from reference_tf import onednn_enabled
+
     out: dict[str, Any] = {"device": device, "mode": REFERENCE, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-                           "tf32": None, "intra_op_threads": None, "inter_op_threads": None}
+                           "tf32": None, "intra_op_threads": None, "inter_op_threads": None, "onednn": onednn_enabled()}
     if tf is not None:
         out.update(tf32=bool(tf.config.experimental.tensor_float_32_execution_enabled()),
                    intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
@@ -557,8 +559,11 @@ def _reference_settings(device: str) -> dict[str, Any]:
     return out
 
 
-def result_path(out: Path, model: str, variant: str, device: str, mode: str, compete: int = 0) -> Path:
-    return Path(out) / f"{model}-{variant}-{host_tag(device)}-{mode}{compete_suffix(compete).replace('_', '')}.json"
+def result_path(out: Path, doc: Mapping[str, Any]) -> Path:
+    """``<model>-<variant>-<host>-<arm>[-competeN][-tfonednn].json``: every arm of a run whose TF ran its
+    oneDNN kernels (``TF_ENABLE_ONEDNN_OPTS=1``, not the reference's pinned Eigen ones) is stored apart."""
+    tag = compete_suffix(doc["settings"].get("competing", 0)).replace("_", "") + ("-tfonednn" if doc["environment"].get("tf.onednn") else "")
+    return Path(out) / f"{doc['model']}-{doc['variant']}-{host_tag(doc['device'])}-{doc['mode']}{tag}.json"
 
 
 def write_json(path: Path, doc: Mapping[str, Any]) -> None:
@@ -667,8 +672,8 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
         doc = {
             "schema": SCHEMA, "model": model, "variant": variant, "device": arm.device, "mode": arm.label, "framework": arm.framework,
             "key": arm.settings.key if arm.settings else (f"{arm.device}-{REFERENCE}-tf32_{int(settings['tf32'])}-intra_"
-                                                          f"{settings['intra_op_threads']}-inter_{settings['inter_op_threads']}-omp_{settings['omp_wait_policy']}"
-                                                          f"{compete_suffix(compete)}"),
+                                                          f"{settings['intra_op_threads']}-inter_{settings['inter_op_threads']}-onednn_{int(bool(settings['onednn']))}"
+                                                          f"-omp_{settings['omp_wait_policy']}{compete_suffix(compete)}"),
             "settings": settings, "applied": applied.get(arm.label), "environment": {**env, "device": arm.device},
             "peak": peaks[(arm.device, bool(arm.settings and arm.settings.tf32))], "arms": [a.label for a in arms],
             "order": "interleaved round robin (A B A B ...) after per-arm warm-up", "warmup": warmup, "repeats": repeats,
@@ -681,7 +686,7 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
         if profile and profiles[arm.label]:
             doc["profile"] = profiles[arm.label]
         if out is not None:
-            write_json(result_path(out, model, variant, arm.device, arm.label, compete), doc)
+            write_json(result_path(out, doc), doc)
         docs.append(doc)
     return docs
 
@@ -693,7 +698,8 @@ def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
     ratio of the two medians, and the round-by-round ratio with its 95 % interval (:func:`paired_ratio`,
     from the two arms' stored step times)."""
     def run_of(d: Mapping[str, Any]) -> tuple:
-        return d["model"], d["variant"], device_label(d), d["settings"].get("competing", 0), tuple(d["arms"])
+        return (d["model"], d["variant"], device_label(d), d["settings"].get("competing", 0), tuple(d["arms"]),
+                {True: "oneDNN", False: "Eigen"}.get(d["environment"].get("tf.onednn"), "not recorded"))
 
     references = {run_of(d): d for d in docs if d["mode"] == REFERENCE}
     rows = []
@@ -706,15 +712,15 @@ def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
             if "error" in p or "error" in r:
                 continue
             paired = paired_ratio(p["seconds"], r["seconds"])
-            rows.append(f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} | {run_of(d)[3]} | {phase} | {1e3 * r['median_s']:.4g} | "
+            rows.append(f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} | {run_of(d)[3]} | {run_of(d)[5]} | {phase} | {1e3 * r['median_s']:.4g} | "
                         f"{1e3 * p['median_s']:.4g} | **{p['median_s'] / r['median_s']:.2f}** | {paired['median']:.2f} "
                         f"[{paired['ci'][0]:.2f}, {paired['ci'][1]:.2f}] |")
     if not rows:
         return []
     return ["Port / TF reference, same run, interleaved (medians; paired: the median of the per-round ratios, "
             "95 % bootstrap interval):", "",
-            "| model / variant | device | port mode | competing processes | phase | TF reference (ms) | port (ms) | port / TF "
-            "| paired port / TF [95 % CI] |", "|---|---|---|---|---|---|---|---|---|", *rows, "", "Every arm:", ""]
+            "| model / variant | device | port mode | competing processes | TF kernels | phase | TF reference (ms) | port (ms) | port / TF "
+            "| paired port / TF [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|", *rows, "", "Every arm:", ""]
 
 
 def _load_words(doc: Mapping[str, Any]) -> str:
@@ -810,8 +816,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             print(f"{d['model']}-{d['variant']} {d['mode']:9s} {phase:10s} median {1e3 * p['median_s']:9.3f} ms  IQR {1e3 * p['iqr_s']:8.3f} ms  "
                   f"{p['flops'] / 1e9:8.3f} GFLOP  {p['pct_of_floor']:6.2f} % of floor")
+            if p["pct_of_floor"] > 100:  # seen on a VM: 148-162 % in one run, 71-76 % in the next
+                print(f"warning: {d['mode']} {phase} ran above the measured GEMM peak ({d['peak']['flops_per_s'] / 1e9:.0f} GFLOP/s): "
+                      "the peak was measured while the machine was busy; rerun when it is quiet", file=sys.stderr)
     if args.out is not None:
-        print(f"written: {', '.join(str(result_path(args.out, d['model'], d['variant'], d['device'], d['mode'], args.compete)) for d in docs)}")
+        print(f"written: {', '.join(str(result_path(args.out, d)) for d in docs)}")
     return 0
 
 

@@ -320,15 +320,23 @@ def test_port_against_the_reference_in_one_run(tmp_path):
     exact, ref = timing.run("dpsom", "tiny-dense", "cpu", ("exact",), reference=True, repeats=3, warmup=1, threads=1, gemm_n=64,
                             out=tmp_path, profile=True)
     assert (exact["framework"], ref["framework"], ref["mode"]) == ("torch", "tensorflow", timing.REFERENCE)
-    assert isinstance(ref["environment"]["tf.onednn"], bool)  # TF's own kernel library, which it picks per CPU
+    # TF's kernel library: reference_tf's pin (Eigen), whatever TF would pick on this CPU by itself
+    assert ref["environment"]["tf.onednn"] is False and ref["settings"]["onednn"] is False and "-onednn_0-" in ref["key"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"dpsom-tiny-dense-{CPU}-exact.json", f"dpsom-tiny-dense-{CPU}-reference.json"]
+    # the same run as if TF had run oneDNN (TF_ENABLE_ONEDNN_OPTS=1): stored apart, a row of its own in the summary
+    for doc in (exact, ref):
+        twin = {**doc, "environment": {**doc["environment"], "tf.onednn": True}}
+        timing.write_json(timing.result_path(tmp_path, twin), twin)
+    assert (tmp_path / f"dpsom-tiny-dense-{CPU}-reference-tfonednn.json").is_file() and (tmp_path / f"dpsom-tiny-dense-{CPU}-exact-tfonednn.json").is_file()
     table = timing.markdown(tmp_path)
     for phase in exact["phase_order"]:
         port_s, ref_s = exact["phases"][phase]["median_s"], ref["phases"][phase]["median_s"]
         assert exact["phases"][phase]["ratio_to"]["reference"] == pytest.approx(port_s / ref_s)
         paired = np.median(np.asarray(exact["phases"][phase]["seconds"]) / np.asarray(ref["phases"][phase]["seconds"]))
-        assert (f"| dpsom / tiny-dense | cpu {timing.cpu_isa()} | exact | 0 | {phase} | {1e3 * ref_s:.4g} | {1e3 * port_s:.4g} | **{port_s / ref_s:.2f}** | "
-                f"{paired:.2f} [") in table
+        for kernels in ("Eigen", "oneDNN"):
+            row = (f"| dpsom / tiny-dense | cpu {timing.cpu_isa()} | exact | 0 | {kernels} | {phase} | {1e3 * ref_s:.4g} | {1e3 * port_s:.4g} | "
+                   f"**{port_s / ref_s:.2f}** | {paired:.2f} [")
+            assert table.count(row) == 1, (kernels, phase)
 
     # --profile: both arms by their own profiler, on the same canonical layer names (the mapping table)
     for doc in (exact, ref):
