@@ -1,7 +1,7 @@
 """DEKM's cross-framework proof: same weights + same injected randomness -> the port equals the TF
 reference, tier by tier.
 
-* quick tier (T0-T3): every row PASS — T0 what each side executes, T1 bit-exact transplants, T2 every
+* quick tier (T0-T3): every row PASS (or a gradient explained by a kink flip and PASS in float64: ``_explained``) — T0 what each side executes, T1 bit-exact transplants, T2 every
   forward tensor chained and isolated (and with non-zero biases), T3 both loss terms, both phases'
   gradients and one step of each phase's own fresh Keras Adam, and T2/T3 again in float64; tiny
   variants here, the four image geometries (MNIST 28x28x1, USPS 16x16x1, FRGC 32x32x3) and the dense
@@ -34,9 +34,21 @@ DENSE_FORWARD = ["encoder.fc1", "encoder.fc2", "encoder.fc3", "embedding", "deco
 OWNLOOP_REUSE: dict = {}
 
 
+def _explained(r: dict) -> bool:
+    """A float32 gradient beyond its band that the harness explains by activation-kink flips AND that
+    passes in float64, where nothing sits within rounding of a kink (as tests/test_cross_dpsom.py admits,
+    with the float64 confirmation required here). Measured on an AVX-512 host, TF on its Eigen kernels
+    (reference_tf's pin): conv-frgc seed 0 with ONE TF intra-op thread (``TF_NUM_INTRAOP_THREADS=1``, as
+    a 1-core machine or a ``--threads 1`` matrix job in the same process has; Eigen's reductions are
+    sharded by thread count) flips one element of encoder.conv3 at the post-step weights, and
+    encoder.conv1.kernel's cluster-loss gradient is 5.8e-5 off against a band of 1.2e-5 (float64: 1.9e-15
+    against 2.1e-14); with TF's two threads, with TF on oneDNN, and on an AVX2 host every row PASSes."""
+    return r["verdict"] == "INACCURATE" and "kink flips" in r["note"] and "float64: PASS" in r["note"]
+
+
 def _failures(sections: dict) -> list[str]:
     return [f"{section}: {r['name']} max_abs={r['max_abs']:.3g} tol={r['tolerance']:.3g} {r['verdict']} {r['note']}"
-            for section, rows in sections.items() for r in rows if r["verdict"] != "PASS"]
+            for section, rows in sections.items() for r in rows if r["verdict"] != "PASS" and not _explained(r)]
 
 
 @pytest.mark.parametrize("variant", [
@@ -52,7 +64,7 @@ def test_quick_tier_passes_every_row(variant):
     report = run_variant(variant, seed=0, model="dekm", cache=False)
     sections = report["sections"]
     assert not _failures(sections), "\n".join(_failures(sections))
-    assert report["verdict"] == "PASS"
+    assert report["verdict"] == ("INACCURATE" if any(_explained(r) for rows in sections.values() for r in rows) else "PASS")
     conv = SPEC.get_config(variant).convolution
     forward = CONV_FORWARD if conv else DENSE_FORWARD
     n_weights = 16  # a kernel and a bias for each of the 8 layers, in both models

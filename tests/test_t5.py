@@ -88,7 +88,11 @@ def test_matrix_cli_lists_and_refuses_bad_selection(tmp_path, capsys):
 def tiny_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("t5")
     runs = matrix.load_matrix(_write(out, TINY)).runs
-    docs = matrix.run_matrix(list(runs), out, jobs=1, threads=1, progress=False)
+    # threads left to run_matrix (cores / jobs = TF's and torch's own defaults): jobs=1 runs in this process,
+    # and TF builds its pools once, from TF_NUM_INTRAOP_THREADS as execute sets it; with 1 thread, Eigen's
+    # sharded reductions give other floats to every later TF test in this pytest worker (measured: DEKM
+    # conv-frgc's quick tier then flips one encoder.conv3 activation, tests/test_cross_dekm.py)
+    docs = matrix.run_matrix(list(runs), out, jobs=1, progress=False)
     return out, runs, docs
 
 
@@ -183,7 +187,7 @@ def test_a_users_port_runs_through_the_same_matrix(tiny_runs, tmp_path):
     assert [r.stem for r in runs if r.seed == 0] == ["dpsom-tiny-dense-digits-n50-original-seed0-tf",
                                                      "dpsom-tiny-dense-digits-n50-original-seed0-torch-tests.oddport.adapter.faithful"]
     shutil.copytree(out / "runs", tmp_path / "runs")
-    docs = matrix.run_matrix(list(runs), tmp_path, jobs=1, threads=1, progress=False)  # the two TF runs are already there
+    docs = matrix.run_matrix(list(runs), tmp_path, jobs=1, progress=False)  # the two TF runs are already there
     assert len(docs) == 2 and {d["port"] for d in docs} == {"tests.oddport.adapter:faithful"}
     for d in docs:
         own = json.loads((out / "runs" / f"dpsom-tiny-dense-digits-n50-original-seed{d['seed']}-torch.json").read_text())
@@ -362,8 +366,8 @@ def test_dask_backend_runs_the_same_job(tmp_path):
     same result as the in-process run: torch only, tiny-dense on 50 images."""
     path = _write(tmp_path, TINY.replace('frameworks = ["tf", "torch"]', 'frameworks = ["torch"]').replace("seeds = [0, 1]", "seeds = [0]"))
     runs = list(matrix.load_matrix(path).runs)
-    local = matrix.run_matrix(runs, tmp_path / "local", jobs=1, threads=1, progress=False)
-    dask = matrix.run_matrix(runs, tmp_path / "dask", jobs=1, backend="dask", threads=1, progress=False)
+    local = matrix.run_matrix(runs, tmp_path / "local", jobs=1, progress=False)  # threads: see tiny_runs
+    dask = matrix.run_matrix(runs, tmp_path / "dask", jobs=1, backend="dask", progress=False)
     assert len(local) == len(dask) == 1 and local[0]["metrics"] == dask[0]["metrics"] and local[0]["steps"] == dask[0]["steps"] == 60
     with pytest.raises(ValueError, match="backend 'spark': expected loky, dask or ray"):
         matrix.run_matrix(runs, tmp_path / "x", backend="spark")
