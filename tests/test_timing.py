@@ -9,6 +9,7 @@ interleaving, statistics, the result schema, the no-GPU error and the README tab
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -320,14 +321,17 @@ def test_port_against_the_reference_in_one_run(tmp_path):
     exact, ref = timing.run("dpsom", "tiny-dense", "cpu", ("exact",), reference=True, repeats=3, warmup=1, threads=1, gemm_n=64,
                             out=tmp_path, profile=True)
     assert (exact["framework"], ref["framework"], ref["mode"]) == ("torch", "tensorflow", timing.REFERENCE)
-    # TF's kernel library: reference_tf's pin (Eigen), whatever TF would pick on this CPU by itself
-    assert ref["environment"]["tf.onednn"] is False and ref["settings"]["onednn"] is False and "-onednn_0-" in ref["key"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"dpsom-tiny-dense-{CPU}-exact.json", f"dpsom-tiny-dense-{CPU}-reference.json"]
-    # the same run as if TF had run oneDNN (TF_ENABLE_ONEDNN_OPTS=1): stored apart, a row of its own in the summary
+    # TF's kernel library: reference_tf's pin (Eigen) whatever TF would pick on this CPU by itself, unless
+    # the user set TF_ENABLE_ONEDNN_OPTS=1 for the whole run
+    on = os.environ["TF_ENABLE_ONEDNN_OPTS"].lower() in ("1", "true")
+    assert ref["environment"]["tf.onednn"] is on and ref["settings"]["onednn"] is on and f"-onednn_{int(on)}-" in ref["key"]
+    tags = {False: "", True: "-tfonednn"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"dpsom-tiny-dense-{CPU}-{arm}{tags[on]}.json" for arm in ("exact", "reference")]
+    # the same run as if TF had run the other library: stored apart, a row of its own in the summary
     for doc in (exact, ref):
-        twin = {**doc, "environment": {**doc["environment"], "tf.onednn": True}}
+        twin = {**doc, "environment": {**doc["environment"], "tf.onednn": not on}}
         timing.write_json(timing.result_path(tmp_path, twin), twin)
-    assert (tmp_path / f"dpsom-tiny-dense-{CPU}-reference-tfonednn.json").is_file() and (tmp_path / f"dpsom-tiny-dense-{CPU}-exact-tfonednn.json").is_file()
+    assert all((tmp_path / f"dpsom-tiny-dense-{CPU}-{arm}{tags[not on]}.json").is_file() for arm in ("exact", "reference"))
     table = timing.markdown(tmp_path)
     for phase in exact["phase_order"]:
         port_s, ref_s = exact["phases"][phase]["median_s"], ref["phases"][phase]["median_s"]
