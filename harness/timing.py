@@ -692,19 +692,24 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
 
 
 # --- README table ------------------------------------------------------------------------------------
+def tf_kernels(env: Mapping[str, Any]) -> str:
+    """TF's CPU kernel library in a run's environment (``tf.onednn``; runs stored before it was recorded: not recorded)."""
+    return {True: "oneDNN", False: "Eigen"}.get(env.get("tf.onednn"), "not recorded")
+
+
 def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Port arms against the TF reference timed in the same run: one row per phase, quiet and under
     competition side by side (issue 11's target: port / TF <= 0.9 in every phase, both conditions): the
     ratio of the two medians, and the round-by-round ratio with its 95 % interval (:func:`paired_ratio`,
     from the two arms' stored step times)."""
     def run_of(d: Mapping[str, Any]) -> tuple:
-        return (d["model"], d["variant"], device_label(d), d["settings"].get("competing", 0), tuple(d["arms"]),
-                {True: "oneDNN", False: "Eigen"}.get(d["environment"].get("tf.onednn"), "not recorded"))
+        return d["model"], d["variant"], device_label(d), d["settings"].get("competing", 0), tuple(d["arms"]), tf_kernels(d["environment"])
 
     references = {run_of(d): d for d in docs if d["mode"] == REFERENCE}
     rows = []
     for d in docs:
-        ref = references.get(run_of(d))
+        run = run_of(d)
+        ref = references.get(run)
         if d["framework"] != "torch" or ref is None:
             continue
         for phase in d["phase_order"]:
@@ -712,7 +717,7 @@ def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
             if "error" in p or "error" in r:
                 continue
             paired = paired_ratio(p["seconds"], r["seconds"])
-            rows.append(f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} | {run_of(d)[3]} | {run_of(d)[5]} | {phase} | {1e3 * r['median_s']:.4g} | "
+            rows.append(f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} | {run[3]} | {run[5]} | {phase} | {1e3 * r['median_s']:.4g} | "
                         f"{1e3 * p['median_s']:.4g} | **{p['median_s'] / r['median_s']:.2f}** | {paired['median']:.2f} "
                         f"[{paired['ci'][0]:.2f}, {paired['ci'][1]:.2f}] |")
     if not rows:
@@ -750,7 +755,7 @@ def markdown(folder: Path) -> str:
         notes.append(f"`{path.name}`: {env.get('device_name')}"
                      + (f", driver {env['driver']}, CUDA {env['cuda_runtime']}" if env.get("cuda_runtime") else "")
                      + f", torch {env.get('version.torch', '?')}, TF {env.get('version.tensorflow', 'not loaded')}"
-                     + ({True: " (oneDNN on)", False: " (oneDNN off)"}.get(env.get("tf.onednn"), "") if d["framework"] == "tensorflow" else "")
+                     + (f" (kernels: {tf_kernels(env)})" if d["framework"] == "tensorflow" else "")
                      + ", commit "
                      f"{str(env.get('git_commit'))[:12]}; {d['repeats']} interleaved steps per arm ({', '.join(d['arms'])}), warm-up {d['warmup']}, "
                      f"batch {d['batch_size']}; {_load_words(d)}")
