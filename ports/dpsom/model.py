@@ -214,20 +214,29 @@ class TriLPosterior(nn.Module):
         return mu, scale_tril, z, (frob2, log_det) if kl_stats else None
 
 
+def fill_triangular(raw: Tensor, d: int) -> Tensor:
+    """TFP's ``fill_triangular``: ``[r[d:], reverse(r)]`` (n + n - d = d·d entries) reshaped to d x d, lower
+    triangle kept (r = 1..6: rows (4), (6, 5), (3, 2, 1)). Written as TFP composes it, into one buffer:
+    pure copies, so the same floats as any gather; batch 300, D = 100: 0.35 ms against 1.3 for an
+    ``index_select`` from ``[r, 0]`` (a per-row gather of 3 M floats)."""
+    b, n = raw.shape
+    scale_tril = raw.new_empty(b, d, d)
+    flat = scale_tril.view(b, d * d)
+    flat[:, : n - d] = raw[:, d:]
+    flat[:, n - d :] = raw.flip(1)
+    return scale_tril.tril_()
+
+
 @functools.cache
-def fill_triangular_index(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """TFP's ``fill_triangular`` as an index: ``r`` (n = d(d+1)/2) goes to ``[r[d:], reverse(r)]``
-    reshaped to d x d, lower triangle kept (r = 1..6: rows (4), (6, 5), (3, 2, 1)). Returns, for each
-    of the d·d entries of L, the index into ``[r, 0]`` it takes (n: the zero above the diagonal); the
-    flat position of every r_k (each lands in exactly one place), its row and its column; the r index
-    of each diagonal entry."""
+def fill_triangular_index(d: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Where :func:`fill_triangular` puts each r_k (n = d(d+1)/2; each lands in exactly one place of L): its
+    flat position, its row and its column; and the r index of each diagonal entry."""
     n = d * (d + 1) // 2
     source = torch.cat([torch.arange(d, n), torch.arange(n).flip(0)]).view(d, d)  # which r_k sits at (i, j)
     lower = torch.ones(d, d, dtype=torch.bool).tril()
-    take = torch.where(lower, source, n).flatten()
     position = torch.empty(n, dtype=torch.long)
     position[source[lower]] = torch.arange(d * d).view(d, d)[lower]
-    index = (take, position, position // d, position % d, source.diagonal().clone())
+    index = (position, position // d, position % d, source.diagonal().clone())
     return tuple(t.to(device) for t in index)
 
 
@@ -264,10 +273,10 @@ class _TriLGaussian(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mu: Tensor, raw: Tensor, eps: Tensor | None, kl_stats: bool, take: Tensor, position: Tensor,  # type: ignore[override]
+    def forward(ctx, mu: Tensor, raw: Tensor, eps: Tensor | None, kl_stats: bool, position: Tensor,  # type: ignore[override]
                 rows: Tensor, cols: Tensor, diag_source: Tensor) -> tuple[Tensor | None, ...]:
         b, d = raw.shape[0], diag_source.numel()
-        scale_tril = torch.cat([raw, raw.new_zeros(b, 1)], dim=1).index_select(1, take).view(b, d, d)  # 2x index_copy_'s speed
+        scale_tril = fill_triangular(raw, d)
         diag = scale_tril.diagonal(dim1=-2, dim2=-1)
         pre = raw.new_empty(b, d, 2)[..., 0].copy_(diag)  # softplus' input, kept strided (see above)
         diag.copy_(F.softplus(diag) + TRIL_DIAG_SHIFT)
@@ -287,7 +296,7 @@ class _TriLGaussian(torch.autograd.Function):
                             None if g_z is None else g_z.index_select(1, rows) * eps.index_select(1, cols),
                             None if g_tril is None else g_tril.reshape(b, d * d).index_select(1, position))
         if off is None:
-            return g_z, None, None, None, None, None, None, None, None
+            return g_z, None, None, None, None, None, None, None
         on = _sum_in_order(_sum_in_order(None if g_frob is None else g_frob.unsqueeze(1) * (2 * l_diag),
                                          None if g_logdet is None else g_logdet.unsqueeze(1) / l_diag),
                            None if g_z is None else g_z * eps,
@@ -295,7 +304,7 @@ class _TriLGaussian(torch.autograd.Function):
         if on.stride(-1) == 1:  # strided, as autograd's diagonal view is (see the class docstring)
             on = pre.new_empty(b, d, 2)[..., 0].copy_(on)
         off[:, diag_source] = torch.ops.aten.softplus_backward(on, pre, 1.0, 20.0)
-        return g_z, off, None, None, None, None, None, None, None
+        return g_z, off, None, None, None, None, None, None
 
 
 class SOM(nn.Module):
