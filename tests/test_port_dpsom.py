@@ -125,7 +125,8 @@ def test_posterior_node_matches_the_composed_ops_bit_for_bit(d, dtype, use):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_squared_distance_node_matches_the_composed_ops_bit_for_bit(dtype):
     """z_dist_flat's one-node backward gives autograd's gradients of ``(z - m)².sum(-1)`` exactly, for z
-    and the embeddings together and for the embeddings alone (the sg(z) path of L_SOM)."""
+    and the embeddings together and for the embeddings alone (the sg(z) path of L_SOM); its graph-free
+    path the same distances."""
     gen = torch.Generator().manual_seed(1)
     z0, m0 = torch.randn(300, 100, generator=gen, dtype=dtype), 0.05 * torch.randn(64, 100, generator=gen, dtype=dtype)
     w = torch.rand(300, 64, generator=gen, dtype=dtype)
@@ -139,6 +140,8 @@ def test_squared_distance_node_matches_the_composed_ops_bit_for_bit(dtype):
         (d_ref, gz_ref, gm_ref), (d_new, gz_new, gm_new) = got
         assert torch.equal(d_ref, d_new) and torch.equal(gm_ref, gm_new)
         assert (gz_new is None) if not z_grad else torch.equal(gz_ref, gz_new)
+    with torch.no_grad():  # no graph: squared in place, the same floats
+        assert torch.equal(z_dist_flat(z0, m0.clone().requires_grad_()), d_ref)
 
 
 def test_sample_is_mu_plus_scale_times_eps():

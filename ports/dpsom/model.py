@@ -321,8 +321,12 @@ class SOM(nn.Module):
 
 
 def z_dist_flat(z: Tensor, embeddings_flat: Tensor) -> Tensor:
-    """``d_ij = sum_d (z_id - m_jd)^2`` by broadcasting, as the original (not the |a|^2 - 2ab + |b|^2 trick)."""
-    return _SquaredDistance.apply(z, embeddings_flat)
+    """``d_ij = sum_d (z_id - m_jd)^2`` by broadcasting, as the original (not the |a|^2 - 2ab + |b|^2 trick).
+    Without a graph (SOM initialisation, evaluation) the [B, K, D] difference is squared in place: the
+    same kernel, one 7.7 MB buffer less (batch 300, 64 nodes: 0.76 -> 0.59 ms after the head GEMM)."""
+    if torch.is_grad_enabled() and (z.requires_grad or embeddings_flat.requires_grad):
+        return _SquaredDistance.apply(z, embeddings_flat)
+    return (z.unsqueeze(1) - embeddings_flat.unsqueeze(0)).square_().sum(-1)
 
 
 class _SquaredDistance(torch.autograd.Function):
