@@ -30,12 +30,14 @@ an ImportError at the final evaluation of a 45-minute run). Each run records the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -164,18 +166,48 @@ def execute(run: Run, out: Path, threads: int | None = None, checkpoint_every: f
     target = out / "runs" / f"{run.stem}.json"
     if target.exists():
         return json.loads(target.read_text())
-    os.environ.update(JOB_ENV)
-    if threads:  # before TF/torch build their pools (TF reads these when its first session starts)
-        os.environ.update(OMP_NUM_THREADS=str(threads), TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS="1")
+    with job_settings(threads):
+        return _execute(run, out, target, threads, checkpoint_every)
+
+
+@contextlib.contextmanager
+def job_settings(threads: int | None) -> Iterator[None]:
+    """JOB_ENV and, with ``threads``, the thread counts of one job, put back as they were afterwards: a
+    job that runs in the caller's process (joblib with one worker, the tests) must not leave them set
+    there (seen: a test's one-thread job left TF_NUM_INTRAOP_THREADS=1 in its pytest worker, and a later
+    TF test of that worker ran other floats). Set before TF/torch build their pools (TF reads these when
+    its first session starts); a pool TF already built keeps its size."""
+    env = dict(JOB_ENV)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), TF_NUM_INTRAOP_THREADS=str(threads), TF_NUM_INTEROP_THREADS="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    torch_threads = None
+    if threads:
+        import torch
+
+        torch_threads = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if torch_threads is not None:
+            import torch
+
+            torch.set_num_threads(torch_threads)
+
+
+def _execute(run: Run, out: Path, target: Path, threads: int | None, checkpoint_every: float) -> dict[str, Any]:
     from harness.env import fingerprint, git_commit, seed_all
     from harness.spec import get_spec
     from harness.tier_ownloop import NoiseStream
 
     flags, commit = seed_all(run.seed), git_commit()  # the code as the job starts (see the module docstring)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     spec = get_spec(run.model)
     cfg = spec.get_config(run.variant)
     cfg = spec.replace_config(cfg, spec.schedules(cfg)[run.schedule])
@@ -313,47 +345,47 @@ def run_matrix(runs: list[Run], out: Path, jobs: int = 1, backend: str = "loky",
     if not todo:
         return []
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
-    os.environ.update(JOB_ENV)  # inherited by the local workers
-    config: dict[str, Any] = {"backend": backend, "n_jobs": jobs}
-    if backend == "dask":
-        try:
-            from dask.distributed import Client
-        except ImportError:
-            raise ImportError("--backend dask needs dask[distributed]: pip install 'dask[distributed]'") from None
-        client = Client(address) if address else Client(n_workers=jobs, threads_per_worker=1, processes=True)
-        config = {"backend": "dask", "n_jobs": -1}
-    elif backend == "ray":
-        try:
-            import ray
-            from ray.util.joblib import register_ray
-        except ImportError:
-            raise ImportError("--backend ray needs ray: pip install 'ray[default]'") from None
-        ray.init(address=address)
-        register_ray()
-    elif backend != "loky":
-        raise ValueError(f"backend {backend!r}: expected loky, dask or ray")
-    done, failed = [], []
-
-    def job(r: Run):
-        try:
-            return r, execute(r, out, threads), None
-        except Exception as err:  # noqa: BLE001  (reported with the run's name; the other runs go on)
-            return r, None, f"{type(err).__name__}: {err}"
-
-    try:
-        with parallel_config(**config):
-            results = Parallel(return_as="generator_unordered")(delayed(job)(r) for r in todo)
-            for r, doc, err in tqdm(results, total=len(todo), desc="T5 runs", unit="run", disable=not progress):
-                if err:
-                    failed.append(f"{r.stem}: {err}")
-                    print(f"FAILED {failed[-1]}", file=sys.stderr, flush=True)
-                else:
-                    done.append(doc)
-                    if not progress:
-                        print(f"{r.stem}: {doc['metrics']} ({doc['train_seconds']:.0f} s)", flush=True)
-    finally:
+    with job_settings(None):  # JOB_ENV, inherited by the local workers and put back afterwards
+        config: dict[str, Any] = {"backend": backend, "n_jobs": jobs}
         if backend == "dask":
-            client.close()
+            try:
+                from dask.distributed import Client
+            except ImportError:
+                raise ImportError("--backend dask needs dask[distributed]: pip install 'dask[distributed]'") from None
+            client = Client(address) if address else Client(n_workers=jobs, threads_per_worker=1, processes=True)
+            config = {"backend": "dask", "n_jobs": -1}
+        elif backend == "ray":
+            try:
+                import ray
+                from ray.util.joblib import register_ray
+            except ImportError:
+                raise ImportError("--backend ray needs ray: pip install 'ray[default]'") from None
+            ray.init(address=address)
+            register_ray()
+        elif backend != "loky":
+            raise ValueError(f"backend {backend!r}: expected loky, dask or ray")
+        done, failed = [], []
+
+        def job(r: Run):
+            try:
+                return r, execute(r, out, threads), None
+            except Exception as err:  # noqa: BLE001  (reported with the run's name; the other runs go on)
+                return r, None, f"{type(err).__name__}: {err}"
+
+        try:
+            with parallel_config(**config):
+                results = Parallel(return_as="generator_unordered")(delayed(job)(r) for r in todo)
+                for r, doc, err in tqdm(results, total=len(todo), desc="T5 runs", unit="run", disable=not progress):
+                    if err:
+                        failed.append(f"{r.stem}: {err}")
+                        print(f"FAILED {failed[-1]}", file=sys.stderr, flush=True)
+                    else:
+                        done.append(doc)
+                        if not progress:
+                            print(f"{r.stem}: {doc['metrics']} ({doc['train_seconds']:.0f} s)", flush=True)
+        finally:
+            if backend == "dask":
+                client.close()
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(todo)} runs failed (the others are written):\n  " + "\n  ".join(failed))
     return done

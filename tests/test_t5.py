@@ -4,6 +4,7 @@ README table (harness/readme.py) and the CI regression gate (harness/regress.py)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -83,13 +84,36 @@ def test_matrix_cli_lists_and_refuses_bad_selection(tmp_path, capsys):
     assert "no run of" in capsys.readouterr().err
 
 
+def test_job_settings_are_put_back(monkeypatch):
+    """A job run in the caller's process (jobs=1, the tests) sets JOB_ENV and its thread counts for its
+    own duration only: variables the caller had come back with their values, the others are removed,
+    and torch's pool has its size again (before, a one-thread job left TF_NUM_INTRAOP_THREADS=1 in its
+    pytest worker)."""
+    import torch
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    for k in ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    before = torch.get_num_threads()
+    with matrix.job_settings(1):
+        assert (os.environ["OMP_WAIT_POLICY"], os.environ["TF_NUM_INTRAOP_THREADS"], os.environ["TF_NUM_INTEROP_THREADS"]) == ("PASSIVE", "1", "1")
+        assert torch.get_num_threads() == 1
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and torch.get_num_threads() == before
+    assert not {"OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"} & set(os.environ)
+    with pytest.raises(RuntimeError), matrix.job_settings(None):  # a failing job too
+        assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "OMP_NUM_THREADS" not in os.environ
+        raise RuntimeError
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 # --- runs: both frameworks, same seed -> same weights and noise -----------------------------------
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("t5")
     runs = matrix.load_matrix(_write(out, TINY)).runs
     # threads left to run_matrix (cores / jobs = TF's and torch's own defaults): jobs=1 runs in this process,
-    # and TF builds its pools once, from TF_NUM_INTRAOP_THREADS as execute sets it; with 1 thread, Eigen's
+    # where execute puts the environment back (test_job_settings_are_put_back) but TF builds its pools once,
+    # from TF_NUM_INTRAOP_THREADS as the job set it; with 1 thread, Eigen's
     # sharded reductions give other floats to every later TF test in this pytest worker (measured: DEKM
     # conv-frgc's quick tier then flips one encoder.conv3 activation, tests/test_cross_dekm.py)
     docs = matrix.run_matrix(list(runs), out, jobs=1, progress=False)
