@@ -261,6 +261,40 @@ def test_bernoulli_nll_matches_bce_with_logits():
 # --- frozen BN, dropout, layout ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, channel_dim", [((300, 500), -1), ((30, 32, 28, 28), 1)])
+def test_block_in_place_matches_the_composed_ops_bit_for_bit(dtype, shape, channel_dim):
+    """A block's LeakyReLU in place on the layer output and the frozen BN's shift added in place give
+    the out-of-place ops' values and gradients (input, gamma, beta) exactly; ties at 0 included."""
+    from ports.dpsom.model import FrozenBatchNorm, Trace, _block
+
+    gen = torch.Generator().manual_seed(2)
+    pre0 = torch.randn(shape, generator=gen, dtype=dtype)
+    pre0.view(-1)[::97] = 0.0  # the kink itself: the gradient's side from the result's sign
+    c = shape[channel_dim]
+    bn = FrozenBatchNorm(c, 1e-3, "frozen_affine", channel_dim).to(dtype)
+    with torch.no_grad():
+        bn.gamma.copy_(torch.rand(c, generator=gen, dtype=dtype) + 0.5)
+        bn.beta.copy_(torch.randn(c, generator=gen, dtype=dtype))
+    w = torch.randn(shape, generator=gen, dtype=dtype)
+    view = [1] * len(shape)
+    view[channel_dim] = -1
+    got = []
+    for composed in (True, False):
+        pre_leaf = pre0.clone().requires_grad_()
+        pre = pre_leaf * 1.0  # a fresh non-leaf, as a layer's output
+        bn.zero_grad()
+        if composed:
+            inv = bn.gamma * torch.rsqrt(bn.moving_variance + bn.eps)
+            y = torch.nn.functional.leaky_relu(pre, 0.2) * inv.view(view) + (bn.beta - bn.moving_mean * inv).view(view)
+        else:
+            y = _block(pre, bn, 0.2, "after_activation", Trace(), "a", "b", spatial=len(shape) == 4)
+        (w * y).sum().backward()
+        got.append((y.detach(), pre_leaf.grad, bn.gamma.grad.clone(), bn.beta.grad.clone()))
+    for ref, new in zip(*got):
+        assert torch.equal(ref, new)
+
+
 @pytest.mark.parametrize("variant", ["tiny-dense", "tiny-conv"])
 def test_bn_is_frozen_affine_and_batch_independent(variant):
     trainer = Trainer(get_config(variant))
