@@ -261,6 +261,33 @@ def test_bernoulli_nll_matches_bce_with_logits():
 # --- frozen BN, dropout, layout ----------------------------------------------------------------
 
 
+def test_dense_packs_a_weight_that_stays_fixed_and_gives_the_same_floats():
+    """Forwards at fixed weights (full-size dense encoder and head: the SOM initialisation's, an
+    evaluation's) run on the weight packed into oneDNN's layout from the second one on, with the
+    unpacked forward's floats; a weight update or another batch size goes back to the plain weight."""
+    import copy
+
+    from ports.dpsom.model import _ONEDNN, _ONEDNN_PACK, Trace
+
+    if not (_ONEDNN and _ONEDNN_PACK):
+        pytest.skip("this torch has no oneDNN linear / weight reorder")
+    model = _model("dense")
+    head = model.posterior.head
+    gen = torch.Generator().manual_seed(4)
+    for batch in (300, 17, 300):
+        x = torch.rand(batch, 28, 28, 1, generator=gen)
+        with torch.no_grad():
+            outs = [model.posterior.head(model.encoder(x, Trace())) for _ in range(3)]
+        assert head._packed[1] is not None and head._packed[1].is_mkldnn  # noqa: SLF001
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    with torch.no_grad():
+        head.weight.mul_(1.5)  # an update: the next forward is unpacked again, at the new values
+    plain = model.posterior.head(model.encoder(x, Trace())).detach()
+    assert head._packed[1] is None  # noqa: SLF001
+    assert torch.equal(model.posterior.head(model.encoder(x, Trace())).detach(), plain)
+    assert copy.deepcopy(head)._packed is None  # noqa: SLF001  (an opaque tensor is not copied)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape, channel_dim", [((300, 500), -1), ((30, 32, 28, 28), 1)])
 def test_block_in_place_matches_the_composed_ops_bit_for_bit(dtype, shape, channel_dim):

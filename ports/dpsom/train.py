@@ -188,7 +188,8 @@ class Trainer:
         encoder, hence each batch's mu and L, is the same at every one of its 20 epochs (only ε, drawn
         per step, changes): the step skips 95 % of its forward (conv: the whole encoder; dense MNIST:
         the 2000 x 5150 head GEMM). Batch by batch, as the step runs it: the same kernels on the same
-        shapes, so the same floats. Recomputed when ``x_train`` or any encoder / posterior weight
+        shapes, so the same floats (from the second batch on with the packed forward weights of
+        ``Dense.forward_weight``, which give the unpacked weights' floats). Recomputed when ``x_train`` or any encoder / posterior weight
         changed (their version counters: a step of another phase, set_weights, a loaded checkpoint).
         None where the encoder is not a function of its weights alone (the declared deviations
         ``bn_mode=batch_stats``, whose forward moves the moving statistics, and ``dropout_active``)."""
