@@ -197,9 +197,7 @@ def job_settings(threads: int | None) -> Iterator[None]:
             else:
                 os.environ[k] = v
         if torch_threads is not None:
-            import torch
-
-            torch.set_num_threads(torch_threads)
+            torch.set_num_threads(torch_threads)  # imported above, where torch_threads was read
 
 
 def _execute(run: Run, out: Path, target: Path, threads: int | None, checkpoint_every: float) -> dict[str, Any]:
