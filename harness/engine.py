@@ -113,12 +113,16 @@ def split(fn: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]], batch: Ma
 
 
 def split_floors(full: Mapping[str, Any], fn: Callable[[Mapping[str, np.ndarray]], Mapping[str, Any]], batch: Mapping[str, np.ndarray],
-                 reduction: str | Mapping[str, str]) -> dict[str, float]:
+                 reduction: str | Mapping[str, str],
+                 park: Callable[[Mapping[str, Any]], Mapping[str, Any]] = dict) -> dict[str, float]:
     """``floors(full, split(fn, batch, reduction))``, the same numbers, without holding the recombined
     split: each tensor is recombined, measured against ``full`` and dropped, large ones chunk by
-    chunk (for a model's gradients the split is a float64 copy of every weight)."""
+    chunk (for a model's gradients the split is a float64 copy of every weight). ``park``: where the
+    first half's values wait while the second half runs (e.g. a :class:`harness.memory.Spill`: then
+    ``fn``'s working memory never sits beside two of its results)."""
     a_batch, b_batch, na, nb = halves(batch)
-    a, b = dict(fn(a_batch)), dict(fn(b_batch))
+    a = dict(park(fn(a_batch)))  # a spilled dict: its arrays memory-mapped, resident while compared
+    b = dict(fn(b_batch))
     how = {}
     for k in a:
         how[k] = reduction if isinstance(reduction, str) else reduction.get(k, "mean")

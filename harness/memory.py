@@ -22,7 +22,7 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -95,9 +95,12 @@ class Spill:
         self._entries: dict[str, tuple[list[str], dict[str, Any], dict[str, str]]] = {}
         self._n = 0
 
-    def put(self, key: str, values: Mapping[str, Any]) -> None:
-        small, files = {}, {}
-        for name, v in values.items():
+    def put(self, key: str, values: Mapping[str, Any] | Iterable[tuple[str, Any]]) -> None:
+        """``values``: a dict, or its items, each written before the next is taken (a side's streamed
+        snapshot: one array in memory at a time)."""
+        small, files, order = {}, {}, []
+        for name, v in values.items() if isinstance(values, Mapping) else values:
+            order.append(name)
             if isinstance(v, np.ndarray) and type(v) is np.ndarray and v.nbytes >= SPILL_MIN_BYTES and v.flags.c_contiguous:
                 path = os.path.join(self._dir.name, f"{self._n}.npy")
                 self._n += 1
@@ -105,7 +108,8 @@ class Spill:
                 files[name] = path
             else:
                 small[name] = v
-        self._entries[key] = (list(values), small, files)
+            del v
+        self._entries[key] = (order, small, files)
 
     def __contains__(self, key: object) -> bool:
         return key in self._entries
@@ -133,8 +137,14 @@ class SpillView(Mapping):
     def __getitem__(self, name: str) -> Any:
         if name in self._small:
             return self._small[name]
-        a = np.load(self._files[name], mmap_mode="r", allow_pickle=False)
-        return np.array(a) if self._copy else a
+        if self._copy:  # read into memory of its own: no file mapping, whose read pages would count as resident too
+            return np.load(self._files[name], allow_pickle=False)
+        return np.load(self._files[name], mmap_mode="r", allow_pickle=False)
+
+    @property
+    def fresh(self) -> bool:
+        """Whether each access gives a new array that nothing else holds (``copy=True``)."""
+        return self._copy
 
     def __contains__(self, name: object) -> bool:
         return name in self._small or name in self._files
@@ -142,6 +152,10 @@ class SpillView(Mapping):
     def copied(self) -> SpillView:
         """The same dict, each access an in-memory copy."""
         return SpillView(self._order, self._small, self._files, True)
+
+    def mapped(self) -> SpillView:
+        """The same dict, each access a read-only memory map (a shape or dtype read without the data)."""
+        return SpillView(self._order, self._small, self._files, False)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._order)

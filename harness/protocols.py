@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import inspect
 from typing import Any, Protocol, runtime_checkable
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -140,6 +140,14 @@ class PortSide(ReferenceSide, Protocol):
 
     def apply_gradients(self, phase: str, gradients: Mapping[str, np.ndarray], lr_feed: float) -> dict[str, Any]:
         """One optimizer update of ``phase`` from given canonical gradients; returns ``lr``, ``global_step``."""
+
+    def optimizer_state_items(self, phase: str | None = None) -> Iterator[tuple[str, Any]]:
+        """Optional: :meth:`optimizer_state`'s entries one at a time, each value made as it is yielded.
+
+        The engine writes each entry to disk before it takes the next and changes nothing on the side
+        meanwhile, so the snapshot is never whole in memory (the conv DPSOM's float64 Adam slots: 1 GiB
+        beside the live ones). A side without it: :meth:`optimizer_state`'s items."""
+        return iter(self.optimizer_state(phase).items())
 
 
 def methods(protocol: type) -> dict[str, str]:

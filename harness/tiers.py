@@ -26,13 +26,14 @@ what was judged before). An exception of the reference or the harness still prop
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import tempfile
 import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 
@@ -210,11 +211,22 @@ class QuickTier:
         base = "forward" if key.startswith("forward") else key.split("#")[0]
         fn = values_fn(side, base)
         full = fn(self.batch)
-        floor = split_floors(full, fn, self.batch, reduction(self.spec, base))
-        if spill is not None and not self.cache:  # needed again at judging time only: to disk until then
-            spill.put(f"{label} {key}", full)
-            full = spill.get(f"{label} {key}")
-        return full, floor
+        if spill is None or self.cache:
+            return full, split_floors(full, fn, self.batch, reduction(self.spec, base))
+        # needed again at judging time only: to disk until then, before the split runs, and the split's
+        # first half on disk while its second runs (conv float64 gradients: three 0.53 GB dicts held at once)
+        spill.put(f"{label} {key}", full)
+        full = spill.get(f"{label} {key}")
+
+        def park(values: Mapping) -> Mapping:
+            spill.put(f"{label} {key}: first half", values)
+            return spill.get(f"{label} {key}: first half")
+
+        try:
+            return full, split_floors(full, fn, self.batch, reduction(self.spec, base), park)
+        finally:
+            if f"{label} {key}: first half" in spill:
+                spill.drop(f"{label} {key}: first half")
 
     def run(self, make_port: MakePort | None = None) -> dict[str, Any]:
         if self.ref is None:  # released by a run without cache: built again, at the initial weights
@@ -604,16 +616,16 @@ class QuickTier:
             self._release()
             self._stage(f"port float64 step {ph.name}")
             if i:
-                port64.set_optimizer_state(spill.get(f"port64 optimizer {i}", copy=True), ph.name)
+                port64.set_optimizer_state(spill.get(f"port64 optimizer {i}", copy=True), ph.name)  # read slot by slot
             port64.apply_gradients(ph.name, for_side(self._steps[i][1]), ph.lr_feed)
             # The twin's state after the step goes to disk and the twin is dropped: its step is judged
             # from there, and the next phase's twin is built again at those weights (gradients are a
             # function of the mapped weights), its optimizer state loaded only for its own step. No
             # gradient, floor or judgement then runs beside the Adam slots (conv float64: 1 GiB).
             steps = ((f"T3 step {ph.name}: weights", lambda s: s.get_weights()),
-                     (f"T3 step {ph.name}: optimizer", lambda s, phase=ph.name: s.optimizer_state(phase)))
+                     (f"T3 step {ph.name}: optimizer", lambda s, phase=ph.name: _state_items(s, phase)))
             if i + 1 < len(phases):
-                steps += ((f"optimizer {i + 1}", lambda s, phase=phases[i + 1].name: s.optimizer_state(phase)),)
+                steps += ((f"optimizer {i + 1}", lambda s, phase=phases[i + 1].name: _state_items(s, phase)),)
             for key, get in steps:
                 spill.put(f"port64 {key}", get(port64))
                 self._release()
@@ -780,6 +792,12 @@ class QuickTier:
 _NEXT_TIER = {"T0": "T1", "T1": "T2", "T2": "T3", "T3": "T2"}
 
 
+def _state_items(side: Any, phase: str) -> Iterator[tuple[str, Any]]:
+    """The side's optimizer state one entry at a time where it streams it (``optimizer_state_items``)."""
+    items = getattr(side, "optimizer_state_items", None)
+    return items(phase) if items is not None else iter(side.optimizer_state(phase).items())
+
+
 class _Guarded:
     """A port seen through a proxy that reports (``record(name, exception)``) each method that
     raises (:class:`Unsupported` excepted: that is a capability answer, handled where it is asked), so the
@@ -796,14 +814,26 @@ class _Guarded:
 
         def call(*args, **kwargs):
             try:
-                return value(*args, **kwargs)
+                out = value(*args, **kwargs)
             except Unsupported:
                 raise
             except Exception as err:
                 self._record(name, err)
                 raise
+            return _guarded_items(out, name, self._record) if inspect.isgenerator(out) else out
 
         return call
+
+
+def _guarded_items(items: Iterator, name: str, record: Callable[[str, BaseException], None]) -> Iterator:
+    """A port's generator (``optimizer_state_items``), its exceptions recorded as the call's."""
+    try:
+        yield from items
+    except Unsupported:
+        raise
+    except Exception as err:
+        record(name, err)
+        raise
 
 
 def _raised_note(err: BaseException) -> str:

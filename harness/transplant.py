@@ -53,26 +53,26 @@ def _apply(array: np.ndarray, op: str, inverse: bool) -> np.ndarray:
     if kind == "identity":
         return array
     if kind == "transpose":  # Dense (in, out) <-> nn.Linear (out, in)
-        return np.ascontiguousarray(array.T)
+        return array.T
     if kind in ("conv", "conv_transpose"):
         # Conv2D (kh,kw,in,out) <-> (out,in,kh,kw); Conv2DTranspose (kh,kw,out,in) <-> (in,out,kh,kw).
-        return np.ascontiguousarray(np.transpose(array, (2, 3, 1, 0) if inverse else (3, 2, 0, 1)))
+        return np.transpose(array, (2, 3, 1, 0) if inverse else (3, 2, 0, 1))
     if kind == "permute":
         axes = [int(a) for a in args]
-        return np.ascontiguousarray(np.transpose(array, np.argsort(axes) if inverse else axes))
+        return np.transpose(array, np.argsort(axes) if inverse else axes)
     if kind == "rows_hwc_to_chw":  # rows of a Dense kernel after an NHWC flatten <-> after an NCHW flatten
         h, w, c = (int(a) for a in args)
         rest = array.shape[1:]
         if inverse:
-            return np.ascontiguousarray(array.reshape(c, h, w, *rest).transpose(1, 2, 0, *range(3, 3 + len(rest))).reshape(array.shape))
-        return np.ascontiguousarray(array.reshape(h, w, c, *rest).transpose(2, 0, 1, *range(3, 3 + len(rest))).reshape(array.shape))
+            return array.reshape(c, h, w, *rest).transpose(1, 2, 0, *range(3, 3 + len(rest))).reshape(array.shape)
+        return array.reshape(h, w, c, *rest).transpose(2, 0, 1, *range(3, 3 + len(rest))).reshape(array.shape)
     if kind == "slice":
         if inverse:
             raise ValueError(f"{op}: a slice cannot be inverted (the port holds only part of the canonical tensor)")
         axis, (start, stop) = int(args[0]), args[1].split(":")
         index = [slice(None)] * array.ndim
         index[axis] = slice(int(start) if start else None, int(stop) if stop else None)
-        return np.ascontiguousarray(array[tuple(index)])
+        return array[tuple(index)]
     raise AssertionError(kind)
 
 
@@ -102,17 +102,20 @@ def load_table(model: str | Path, variant: str | None = None) -> tuple[Row, ...]
 
 
 def canonical_to_torch(array: np.ndarray, transform: str) -> np.ndarray:
-    """Canonical (TF) layout -> torch layout: the ``|``-joined ops left to right."""
+    """Canonical (TF) layout -> torch layout: the ``|``-joined ops left to right. A view of ``array`` where
+    the ops allow (transposes, slices): its consumer copies it once, into its own dtype and layout (a conv
+    DPSOM head's float32 gradient becoming the float64 twin's: no 246 MB transposed copy on the way)."""
     for op in _ops(transform):
         array = _apply(array, op, inverse=False)
     return array
 
 
 def torch_to_canonical(array: np.ndarray, transform: str) -> np.ndarray:
-    """Inverse of :func:`canonical_to_torch` (ops inverted, right to left; a slice cannot be)."""
+    """Inverse of :func:`canonical_to_torch` (ops inverted, right to left; a slice cannot be), C-contiguous
+    (``array`` itself where no op moves an element)."""
     for op in reversed(_ops(transform)):
         array = _apply(array, op, inverse=True)
-    return array
+    return np.ascontiguousarray(array)
 
 
 class TransplantError(ValueError):

@@ -108,3 +108,77 @@ def test_judge_attaches_the_diagnosis_to_a_fail():
     x = np.random.default_rng(4).standard_normal((5, 13))
     (row,) = engine.judge({"encoder.fc1": _leaky(x)}, {"encoder.fc1": x}, {}, constants=CONSTANTS)
     assert row.verdict == "FAIL" and row.note.startswith("missing activation: negatives of A are B x leaky_relu_slope (0.2)")
+
+
+def test_split_floors_with_the_first_half_parked_on_disk_gives_the_same_floors():
+    from harness.memory import Spill
+
+    rng = np.random.default_rng(4)
+    batch = {"x": rng.standard_normal((7, 600)).astype(np.float32)}  # 600 x 600 float32 outputs: 1.4 MB, spilled to a file
+    calls = []
+
+    def fn(b):
+        calls.append(len(b["x"]))
+        return {"g": (b["x"].T @ b["x"]).astype(np.float32), "loss": np.float32(b["x"].sum())}
+
+    full = fn(batch)
+    spill = Spill()
+    try:
+        def park(values):
+            calls.append("parked")
+            spill.put("a", values)
+            return spill.get("a")
+
+        parked = engine.split_floors(full, fn, batch, {"g": "sum", "loss": "sum"}, park)
+        assert calls == [7, 3, "parked", 4]  # the first half is on disk before the second half runs
+        assert spill._entries["a"][2]  # noqa: SLF001  (g went to a file, not kept in memory)
+    finally:
+        spill.close()
+    held = engine.split_floors(full, fn, batch, {"g": "sum", "loss": "sum"})
+    assert parked == held and held["g"] > 0  # the same numbers; a float32 batch split is not exact
+    split = engine.split(fn, batch, {"g": "sum", "loss": "sum"})  # the independent definition: floors(full, split)
+    assert held["g"] == float(np.max(np.abs(full["g"].astype(np.float64) - split["g"])))
+
+
+def test_spill_takes_a_streamed_snapshot_one_array_at_a_time_and_a_guarded_stream_reports_its_port():
+    import weakref
+
+    from harness.memory import Spill
+    from harness.tiers import _Guarded
+
+    alive = []
+
+    def made(i):
+        a = np.full(300_000, float(i))  # 2.4 MB: written to a file
+        alive.append(weakref.ref(a))
+        return f"w{i}", a
+
+    def items():  # as a side streams its snapshot: nothing kept in the generator's frame
+        for i in range(3):
+            assert all(r() is None for r in alive), "the previous array is still held while the next is made"
+            yield made(i)
+        yield "optim.step", np.int64(7)
+
+    spill = Spill()
+    try:
+        spill.put("s", items())
+        got = spill.get("s")
+        assert list(got) == ["w0", "w1", "w2", "optim.step"] and got["optim.step"] == 7
+        assert [float(got[f"w{i}"][-1]) for i in range(3)] == [0.0, 1.0, 2.0]
+        fresh = spill.get("s", copy=True)
+        assert fresh.fresh and type(fresh["w1"]) is np.ndarray and fresh["w1"].flags.writeable  # read into memory, not mapped
+        assert isinstance(got["w1"], np.memmap) and not got.fresh
+    finally:
+        spill.close()
+
+    class Port:
+        def optimizer_state_items(self, phase=None):
+            yield "optim.step", np.int64(1)
+            raise ValueError("slot w has no value")
+
+    seen = []
+    stream = _Guarded(Port(), lambda name, err: seen.append((name, str(err)))).optimizer_state_items("vae")
+    assert next(stream) == ("optim.step", 1) and not seen
+    with pytest.raises(ValueError, match="slot w"):
+        next(stream)
+    assert seen == [("optimizer_state_items", "slot w has no value")]  # reported as the port's call, not the harness's

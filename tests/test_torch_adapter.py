@@ -92,3 +92,84 @@ def test_dropout_masks_are_injected_the_same_in_both_dtype_copies():
     assert np.array_equal(dropped32, dropped64)  # the same mask in float32 and float64
     np.testing.assert_allclose(out32, out64, rtol=1e-5, atol=1e-6)
     assert np.array_equal(a.forward(x)["out"], out32)  # each public call restarts the mask stream
+
+
+def test_layout_changes_are_views_copied_once_into_the_parameters_dtype():
+    """canonical_to_torch gives views (no transposed copy of a 0.25 GB kernel on the way to the float64
+    twin); set_weights and apply_gradients copy them once, into the parameter's layout and dtype."""
+    rng = np.random.default_rng(3)
+    kernel = rng.standard_normal((3, 3, 2, 3)).astype(np.float32)
+    view = canonical_to_torch(kernel, "permute(3,2,0,1)")
+    assert np.shares_memory(view, kernel) and not view.flags.c_contiguous
+    back = torch_to_canonical(np.ascontiguousarray(view), "permute(3,2,0,1)")
+    assert back.flags.c_contiguous and back.tobytes() == kernel.tobytes()
+    _, b = _pair()  # float64
+    w = {"head.kernel": rng.standard_normal((4, 5)).astype(np.float32), "head.bias": rng.standard_normal(5).astype(np.float32),
+         "conv.kernel": kernel, "conv.bias": rng.standard_normal(3).astype(np.float32)}
+    b.set_weights(w)
+    assert b.module.mu.weight.is_contiguous() and b.module.mu.weight.dtype == torch.float64
+    assert np.array_equal(b.module.mu.weight.detach().numpy(), w["head.kernel"][:, :3].T.astype(np.float64))
+    held = b.get_weights()  # snapshots: copied once, whether the layout changed (conv) or not (bias)
+    assert not any(np.shares_memory(held[k], t.detach().numpy()) for k in held for t in b.module.parameters())
+    assert held["conv.kernel"].flags.c_contiguous and np.array_equal(held["conv.kernel"], kernel.astype(np.float64))
+    grads = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in w.items()}
+    seen = {}
+    b.optimizer_step = lambda phase, lr: seen.update({k: p.grad.clone() for k, p in b.module.named_parameters() if p.grad is not None})
+    readonly = {k: v.copy() for k, v in grads.items()}
+    for v in readonly.values():
+        v.flags.writeable = False  # a memory-mapped spill is read-only: read, never written, and no warning
+    b.apply_gradients("vae", readonly, 1e-3)
+    assert seen["mu.weight"].is_contiguous() and seen["mu.weight"].dtype == torch.float64
+    assert np.array_equal(seen["mu.weight"].numpy(), grads["head.kernel"][:, :3].T.astype(np.float64))
+    assert np.array_equal(seen["conv.weight"].numpy(), np.transpose(grads["conv.kernel"], (3, 2, 0, 1)).astype(np.float64))
+    assert all(p.grad is None for p in b.module.parameters())  # applied, not kept
+    with pytest.raises(TransplantError, match=r"apply_gradients: conv.kernel -> conv.weight \(permute\(3,2,0,1\)\) gives "
+                                              r"\(3, 3, 3, 3\), the parameter is \(3, 2, 3, 3\)"):
+        b.apply_gradients("vae", {"conv.kernel": np.zeros((3, 3, 3, 3), np.float32)}, 1e-3)  # 3 input channels, not 2
+
+
+class WithAdam(Adapter):
+    """Adapter with a torch Adam whose state it reads and writes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.opt = torch.optim.Adam(self.module.parameters(), lr=0.1)
+
+    def optimizer_for(self, phase):
+        return self.opt
+
+    def _write_optimizer(self, phase, scalars, slots) -> None:
+        for name, p in self.module.named_parameters():
+            if name in slots:
+                self.opt.state[p] = {"step": torch.tensor(1.0), "exp_avg": self.t(slots[name]["adam_m"]),
+                                     "exp_avg_sq": self.t(slots[name]["adam_v"])}
+
+
+def test_optimizer_state_items_streams_the_snapshot_and_a_spilled_state_loads_slot_by_slot():
+    from harness.memory import Spill
+
+    torch.manual_seed(0)
+    a = WithAdam(Net(), TABLE, dtype="float32")
+    a.module.conv.weight.sum().backward()
+    a.opt.step()
+    whole = a.optimizer_state()
+    items = a.optimizer_state_items()
+    first = next(items)
+    assert first[0] == "optim.global_step"  # scalars first
+    rest = dict([first, *items])
+    assert list(rest) == list(whole) and all(np.array_equal(rest[k], whole[k]) for k in whole)
+    live = a.opt.state[a.module.conv.weight]["exp_avg"].numpy()
+    assert not np.shares_memory(rest["conv.kernel/adam_m"], live)  # each a snapshot: the next step leaves it as it is
+    assert np.array_equal(rest["conv.kernel/adam_m"], np.transpose(live, (2, 3, 1, 0)))
+    spill = Spill()  # loaded back from disk (each slot read when the optimizer takes it) and from the dict
+    try:
+        spill.put("o", a.optimizer_state_items())
+        for source in (spill.get("o", copy=True), spill.get("o"), whole):
+            c = WithAdam(Net(), TABLE, dtype="float32")
+            c.set_optimizer_state(source)
+            again = c.optimizer_state()
+            assert all(np.array_equal(again[k], whole[k]) for k in whole if k.endswith(("adam_m", "adam_v")))
+            assert not any(np.shares_memory(st["exp_avg"].numpy(), np.asarray(v)) for st in c.opt.state.values()
+                           for v in whole.values())  # its own memory, not the caller's arrays
+    finally:
+        spill.close()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 import zlib
 from typing import Any
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,6 +33,33 @@ import numpy as np
 from harness.memory import as_zero_view
 from harness.protocols import Batch, Unsupported
 from harness.transplant import Row, TransplantError, canonical_to_torch, check_weights, load_table, torch_to_canonical
+
+
+def _own(canonical: np.ndarray, live: np.ndarray) -> np.ndarray:
+    """A snapshot of a live tensor's canonical value: copied where it still shares the tensor's memory (no
+    layout change), else the transform's copy itself (one copy of a 0.5 GB float64 slot, not two)."""
+    return canonical.copy() if np.may_share_memory(canonical, live) else canonical
+
+
+class _Deferred:
+    """One optimizer slot handed to ``_write_optimizer``, in torch layout: its ``shape`` known up front (for
+    the strict checks), its values read from ``state`` only by ``np.asarray()`` / ``np.array()``, each time
+    a new writable array of its own (a zero view, :mod:`harness.memory`, becomes zeros) that the optimizer
+    copies and drops. From a spilled state (memory maps opened per access) no slot stays resident beside
+    the live ones: conv DPSOM float64, 1 GiB."""
+
+    def __init__(self, state: Mapping[str, Any], name: str, transform: str) -> None:
+        self._state, self._name, self._transform = state, name, transform
+        self._fresh = getattr(state, "fresh", False)  # a spill read into new memory at each access: used as it is
+        header = state.mapped() if self._fresh else state  # a memory map's pages stay unread
+        view = canonical_to_torch(np.asarray(header[name]), transform)
+        self.shape, self.dtype, self.ndim = view.shape, view.dtype, view.ndim
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        value = np.asarray(self._state[self._name])
+        if not (self._fresh and value.flags.writeable):
+            value = np.array(value)
+        return canonical_to_torch(value, self._transform).astype(dtype or value.dtype, copy=False)
 
 
 class TorchPortAdapter:
@@ -67,9 +95,19 @@ class TorchPortAdapter:
 
     # --- conversions ----------------------------------------------------------------------------
     def t(self, a: Any):
-        """numpy -> tensor on this side's device; floats in this side's dtype."""
+        """numpy -> contiguous tensor on this side's device; floats in this side's dtype (one copy at most)."""
         a = np.asarray(a)
-        return self._torch.as_tensor(a, device=self.device).to(self._tdtype if a.dtype.kind == "f" else None)
+        t = self._torch.as_tensor(a, device=self.device)
+        if a.dtype.kind == "f" and t.dtype != self._tdtype:
+            return t.to(self._tdtype, memory_format=self._torch.contiguous_format)
+        return t.contiguous()  # (``to`` with an unchanged dtype returns a strided tensor as it is)
+
+    def _host(self, a: np.ndarray):
+        """A CPU tensor over ``a``'s own memory, any strides, for ``copy_`` to read (a read-only memory map
+        too: nothing writes to it, so torch's warning about writing to one does not apply)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            return self._torch.from_numpy(np.asarray(a))
 
     @staticmethod
     def numpy(t: Any) -> np.ndarray:
@@ -84,7 +122,11 @@ class TorchPortAdapter:
                 for r in self._full_rows()}
 
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {r.canonical: torch_to_canonical(self.numpy(self._tensors[r.torch_key]), r.torch_transform).copy() for r in self._full_rows()}
+        out = {}
+        for r in self._full_rows():
+            live = self.numpy(self._tensors[r.torch_key])
+            out[r.canonical] = _own(torch_to_canonical(live, r.torch_transform), live)
+        return out
 
     def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
         """Strict over the mapped names; partially mapped names get the part that maps."""
@@ -101,7 +143,7 @@ class TorchPortAdapter:
                     values.append((r.torch_key, v))
         with self._torch.no_grad():
             for key, v in values:
-                self._tensors[key].copy_(self._torch.from_numpy(np.ascontiguousarray(v)).to(self._tensors[key].dtype))
+                self._tensors[key].copy_(self._host(v))  # one pass: layout, dtype and device
 
     # --- gradients and the isolated optimizer update ------------------------------------------
     def loss_tensor(self, loss: str, batch: Batch):
@@ -143,7 +185,11 @@ class TorchPortAdapter:
         for name, rows in self._rows.items():
             for r in rows:
                 if name in gradients and r.torch_key in params:
-                    params[r.torch_key].grad = self.t(canonical_to_torch(np.asarray(gradients[name]), r.torch_transform))
+                    p, g = params[r.torch_key], canonical_to_torch(np.asarray(gradients[name]), r.torch_transform)
+                    if tuple(g.shape) != tuple(p.shape):
+                        raise TransplantError(f"{self.name}.apply_gradients: {name} -> {r.torch_key} ({r.torch_transform}) "
+                                              f"gives {g.shape}, the parameter is {tuple(p.shape)}")
+                    p.grad = self._torch.empty_like(p).copy_(self._host(g))  # one copy, as set_weights
         try:
             return self.optimizer_step(phase, lr_feed)
         finally:
@@ -186,28 +232,30 @@ class TorchPortAdapter:
         """A snapshot: a slot whose canonical layout is a view of what ``_read_optimizer`` gave (the
         optimizer's live tensor) is copied, so later steps do not change it; an all-zero one (before
         the first step) is a read-only zero-strided view instead (conv DPSOM: 0.5 GiB not copied)."""
+        return dict(self.optimizer_state_items(phase))
+
+    def optimizer_state_items(self, phase: str | None = None) -> Iterator[tuple[str, Any]]:
+        """:meth:`optimizer_state` one entry at a time, scalars first, each slot's snapshot copied as it is
+        yielded (the protocol's streaming form: nothing may step the optimizer until the last one)."""
         scalars, slots = self._read_optimizer(phase)
-        out = dict(scalars)
+        yield from scalars.items()
         for r in self._full_rows():
             for slot, value in slots.get(r.torch_key, {}).items():
-                c = as_zero_view(torch_to_canonical(value, r.torch_transform))
-                out[f"{r.canonical}/{slot}"] = c.copy() if np.may_share_memory(c, value) else c
-        return out
+                yield f"{r.canonical}/{slot}", _own(as_zero_view(torch_to_canonical(value, r.torch_transform)), value)
 
     def set_optimizer_state(self, state: Mapping[str, Any], phase: str | None = None) -> None:
         scalars, slots, unknown = {}, {}, []
-        for name, value in state.items():
+        for name in state:  # a value is read when the optimizer takes it (a spilled state: one slot in memory at a time)
             if name.startswith("optim."):
-                scalars[name] = value
+                scalars[name] = state[name]
                 continue
             canonical, _, slot = name.rpartition("/")
             if canonical not in self._rows:
                 unknown.append(name)
                 continue
             for r in self._rows[canonical]:  # a partially mapped weight gets the part of its slot that maps
-                if r.torch_key:  # writable and its own memory (a zero view, harness.memory, becomes zeros)
-                    given = canonical_to_torch(np.asarray(value), r.torch_transform)
-                    slots.setdefault(r.torch_key, {})[slot] = given if given.flags.writeable else np.array(given)
+                if r.torch_key:
+                    slots.setdefault(r.torch_key, {})[slot] = _Deferred(state, name, r.torch_transform)
         if unknown:
             raise TransplantError(f"{self.name}.set_optimizer_state: nothing loaded; unexpected: {sorted(unknown)}")
         self._write_optimizer(phase, scalars, slots)
