@@ -136,7 +136,8 @@ class SpillView(Mapping):
 
     def __getitem__(self, name: str) -> Any:
         if name in self._small:
-            return self._small[name]
+            v = self._small[name]
+            return v.copy() if self._copy and isinstance(v, np.ndarray) else v
         if self._copy:  # read into memory of its own: no file mapping, whose read pages would count as resident too
             return np.load(self._files[name], allow_pickle=False)
         return np.load(self._files[name], mmap_mode="r", allow_pickle=False)

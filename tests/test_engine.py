@@ -168,6 +168,10 @@ def test_spill_takes_a_streamed_snapshot_one_array_at_a_time_and_a_guarded_strea
         fresh = spill.get("s", copy=True)
         assert fresh.fresh and type(fresh["w1"]) is np.ndarray and fresh["w1"].flags.writeable  # read into memory, not mapped
         assert isinstance(got["w1"], np.memmap) and not got.fresh
+        spill.put("small", {"b": np.ones(3)})  # kept in memory: a fresh view hands out copies of it too
+        fresh_small = spill.get("small", copy=True)
+        fresh_small["b"][:] = 5
+        assert fresh_small["b"].tolist() == [1.0, 1.0, 1.0]
     finally:
         spill.close()
 
