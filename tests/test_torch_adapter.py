@@ -126,6 +126,9 @@ def test_layout_changes_are_views_copied_once_into_the_parameters_dtype():
     with pytest.raises(TransplantError, match=r"apply_gradients: conv.kernel -> conv.weight \(permute\(3,2,0,1\)\) gives "
                                               r"\(3, 3, 3, 3\), the parameter is \(3, 2, 3, 3\)"):
         b.apply_gradients("vae", {"conv.kernel": np.zeros((3, 3, 3, 3), np.float32)}, 1e-3)  # 3 input channels, not 2
+    with pytest.raises(TransplantError):  # a bad shape anywhere: no gradient is left on any parameter
+        b.apply_gradients("vae", {**grads, "conv.kernel": np.zeros((3, 3, 3, 3), np.float32)}, 1e-3)
+    assert all(p.grad is None for p in b.module.parameters())
 
 
 class WithAdam(Adapter):

@@ -132,18 +132,23 @@ class TorchPortAdapter:
         """Strict over the mapped names; partially mapped names get the part that maps."""
         given = {k: v for k, v in weights.items() if k not in self.absent}  # partially mapped: optional, checked below
         check_weights(given, self.canonical_shapes(), where=f"{self.name}.set_weights")
-        values = []
-        for name, rows in self._rows.items():
-            for r in rows:
-                if r.torch_key and name in weights:
-                    v = canonical_to_torch(np.asarray(weights[name]), r.torch_transform)
-                    if tuple(v.shape) != tuple(self._tensors[r.torch_key].shape):
-                        raise TransplantError(f"{self.name}.set_weights: nothing loaded; {name} -> {r.torch_key} ({r.torch_transform}) "
-                                              f"gives {v.shape}, the module holds {tuple(self._tensors[r.torch_key].shape)}")
-                    values.append((r.torch_key, v))
+        values = self._torch_layout(weights, self._tensors, "set_weights: nothing loaded;", "the module holds")
         with self._torch.no_grad():
             for key, v in values:
                 self._tensors[key].copy_(self._host(v))  # one pass: layout, dtype and device
+
+    def _torch_layout(self, values: Mapping[str, Any], targets: Mapping[str, Any], where: str, holds: str) -> list[tuple[str, np.ndarray]]:
+        """(torch key, value in torch layout: a view) of every mapped name of ``values`` whose torch key is
+        in ``targets``, every shape checked against the target's before the caller writes anything."""
+        out = []
+        for name, rows in self._rows.items():
+            for r in rows:
+                if name in values and r.torch_key in targets:
+                    v, shape = canonical_to_torch(np.asarray(values[name]), r.torch_transform), tuple(targets[r.torch_key].shape)
+                    if tuple(v.shape) != shape:
+                        raise TransplantError(f"{self.name}.{where} {name} -> {r.torch_key} ({r.torch_transform}) gives {v.shape}, {holds} {shape}")
+                    out.append((r.torch_key, v))
+        return out
 
     # --- gradients and the isolated optimizer update ------------------------------------------
     def loss_tensor(self, loss: str, batch: Batch):
@@ -182,14 +187,8 @@ class TorchPortAdapter:
         params = dict(self.module.named_parameters())
         for p in params.values():
             p.grad = None
-        for name, rows in self._rows.items():
-            for r in rows:
-                if name in gradients and r.torch_key in params:
-                    p, g = params[r.torch_key], canonical_to_torch(np.asarray(gradients[name]), r.torch_transform)
-                    if tuple(g.shape) != tuple(p.shape):
-                        raise TransplantError(f"{self.name}.apply_gradients: {name} -> {r.torch_key} ({r.torch_transform}) "
-                                              f"gives {g.shape}, the parameter is {tuple(p.shape)}")
-                    p.grad = self._torch.empty_like(p).copy_(self._host(g))  # one copy, as set_weights
+        for key, g in self._torch_layout(gradients, params, "apply_gradients:", "the parameter is"):  # none set on a bad shape
+            params[key].grad = self._torch.empty_like(params[key]).copy_(self._host(g))  # one copy, as set_weights
         try:
             return self.optimizer_step(phase, lr_feed)
         finally:
