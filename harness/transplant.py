@@ -113,9 +113,19 @@ def canonical_to_torch(array: np.ndarray, transform: str) -> np.ndarray:
 def torch_to_canonical(array: np.ndarray, transform: str) -> np.ndarray:
     """Inverse of :func:`canonical_to_torch` (ops inverted, right to left; a slice cannot be), C-contiguous
     (``array`` itself where no op moves an element)."""
+    return np.ascontiguousarray(_inverse(array, transform))
+
+
+def canonical_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    """The canonical shape of a torch-layout tensor of ``shape``: the inverse ops on a zero-strided
+    stand-in, whose transposes and reshapes are all views (nothing of the tensor's size is allocated)."""
+    return _inverse(np.broadcast_to(np.float32(0), shape), transform).shape
+
+
+def _inverse(array: np.ndarray, transform: str) -> np.ndarray:
     for op in reversed(_ops(transform)):
         array = _apply(array, op, inverse=True)
-    return np.ascontiguousarray(array)
+    return array
 
 
 class TransplantError(ValueError):

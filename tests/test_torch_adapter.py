@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from harness.adapters.torch import TorchPortAdapter
-from harness.transplant import Row, TransplantError, canonical_to_torch, torch_to_canonical
+from harness.transplant import Row, TransplantError, canonical_shape, canonical_to_torch, torch_to_canonical
 
 
 class Net(nn.Module):
@@ -66,6 +66,24 @@ def test_rows_hwc_to_chw_is_the_nchw_flatten_of_a_dense_kernel():
     # the same layer, fed the NCHW flatten of the same activation, gives the same output
     np.testing.assert_allclose(x.reshape(-1) @ kernel, np.transpose(x, (2, 0, 1)).reshape(-1) @ torch_rows, rtol=1e-6)
     assert torch_to_canonical(torch_rows, f"rows_hwc_to_chw({h},{wd},{c})").tobytes() == kernel.tobytes()
+
+
+@pytest.mark.parametrize("shape, transform", [((5150, 2000), "transpose"), ((256, 128, 5, 5), "conv"), ((128, 256, 5, 5), "conv_transpose"),
+                                               ((256, 128, 5, 5), "permute(3,2,0,1)"), ((7 * 7 * 256, 300), "rows_hwc_to_chw(7,7,256)"),
+                                               ((784, 500), "identity"), ((300, 7 * 7 * 256), "rows_hwc_to_chw(7,7,256)|transpose")])
+def test_canonical_shape_is_the_shape_of_the_inverse_without_allocating_it(shape, transform):
+    import tracemalloc
+
+    expected = torch_to_canonical(np.zeros(shape, np.float32), transform).shape
+    tracemalloc.start()
+    try:
+        got = canonical_shape(shape, transform)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got == expected
+    # parsing the ops takes a few kB; the smallest tensor here is 1.5 MB in float32, the largest 41 MB
+    assert peak < 64 * 1024, f"{transform}: {peak} B allocated for a shape"
 
 
 def test_strict_loading_names_every_problem_and_writes_nothing():

@@ -32,7 +32,7 @@ import numpy as np
 
 from harness.memory import as_zero_view
 from harness.protocols import Batch, Unsupported
-from harness.transplant import Row, TransplantError, canonical_to_torch, check_weights, load_table, torch_to_canonical
+from harness.transplant import Row, TransplantError, canonical_shape, canonical_to_torch, check_weights, load_table, torch_to_canonical
 
 
 def _own(canonical: np.ndarray, live: np.ndarray) -> np.ndarray:
@@ -118,8 +118,7 @@ class TorchPortAdapter:
 
     # --- weights --------------------------------------------------------------------------------
     def canonical_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {r.canonical: torch_to_canonical(np.empty(tuple(self._tensors[r.torch_key].shape), np.float32), r.torch_transform).shape
-                for r in self._full_rows()}
+        return {r.canonical: canonical_shape(tuple(self._tensors[r.torch_key].shape), r.torch_transform) for r in self._full_rows()}
 
     def get_weights(self) -> dict[str, np.ndarray]:
         out = {}
