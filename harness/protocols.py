@@ -141,6 +141,12 @@ class PortSide(ReferenceSide, Protocol):
     def apply_gradients(self, phase: str, gradients: Mapping[str, np.ndarray], lr_feed: float) -> dict[str, Any]:
         """One optimizer update of ``phase`` from given canonical gradients; returns ``lr``, ``global_step``."""
 
+    def set_compiled(self, on: bool) -> None:
+        """Optional (else :class:`Unsupported`): take every later training step compiled (``torch.compile``)
+        or eager again. The timing tier's fast mode; its drift from the exact mode is measured there, and
+        no parity tier runs compiled."""
+        raise Unsupported(f"{type(self).__name__} does not provide set_compiled()")
+
     def optimizer_state_items(self, phase: str | None = None) -> Iterator[tuple[str, Any]]:
         """Optional: :meth:`optimizer_state`'s entries one at a time, each value made as it is yielded.
 

@@ -67,11 +67,13 @@ SCHEMA = "harness.timing/1"
 WARMUP, REPEATS = 3, 21  # warm-up steps per arm (kernel selection, allocator, caches); measured steps per arm
 GEMM_N = {"cuda": 8192, "cpu": 1024}  # the peak's square float32 matmul: large enough to saturate the device
 REFERENCE = "reference"  # the TF reference's arm label (and file-name mode)
-# What a mode sets; the mode's name fixes these three, so a file name's mode says them.
+# What a mode sets; the mode's name fixes these four, so a file name's mode says them. ``compiled``: the
+# port's training step through torch.compile (the side protocol's optional ``set_compiled``).
 MODES: dict[str, dict[str, bool]] = {
-    "exact": {"tf32": False, "cudnn_benchmark": False, "deterministic": True},  # parity-exact: what T3/T4 run under
-    "fast": {"tf32": True, "cudnn_benchmark": True, "deterministic": False},
+    "exact": {"tf32": False, "cudnn_benchmark": False, "deterministic": True, "compiled": False},  # parity-exact: what T3/T4 run under
+    "fast": {"tf32": True, "cudnn_benchmark": True, "deterministic": False, "compiled": True},
 }
+EXACT = "exact"  # the mode every other one's drift is measured from
 PHASE_FIELDS = ("median_s", "q1_s", "q3_s", "iqr_s", "min_s", "max_s", "n", "flops", "floor_s", "pct_of_floor", "finite")
 
 
@@ -89,6 +91,7 @@ class Settings:
     tf32: bool
     cudnn_benchmark: bool
     deterministic: bool
+    compiled: bool
     threads: int
     omp_wait_policy: str  # as the environment holds it ("unset": the OpenMP runtime's default)
     competing: int = 0  # CPU-bound processes running beside the measurement (``competing``)
@@ -105,7 +108,7 @@ class Settings:
     @property
     def key(self) -> str:
         return (f"{self.device}-{self.mode}-tf32_{int(self.tf32)}-cudnn_benchmark_{int(self.cudnn_benchmark)}-"
-                f"deterministic_{int(self.deterministic)}-threads_{self.threads}-omp_{self.omp_wait_policy}{compete_suffix(self.competing)}")
+                f"deterministic_{int(self.deterministic)}-compiled_{int(self.compiled)}-threads_{self.threads}-omp_{self.omp_wait_policy}{compete_suffix(self.competing)}")
 
 
 def compete_suffix(n: int) -> str:
@@ -583,8 +586,9 @@ def _time_phases(spec: Any, arms: Sequence[Arm], batch: Mapping[str, np.ndarray]
         flops = count_flops(meta, phase.loss, batch)
         finite = {arm.label: True for arm in arms}
         failed: dict[str, str] = {}
+        last: dict[str, dict[str, Any]] = {}
 
-        def run_one(label: str, phase=phase, finite=finite, failed=failed) -> float:
+        def run_one(label: str, phase=phase, finite=finite, failed=failed, last=last) -> float:
             arm = by_label[label]
             if label in failed:  # out of the rotation for this phase
                 return math.nan
@@ -598,6 +602,7 @@ def _time_phases(spec: Any, arms: Sequence[Arm], batch: Mapping[str, np.ndarray]
                 failed[label] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
                 return math.nan
             finite[label] &= _finite(record)
+            last[label] = record
             return seconds
 
         _, seconds = run_interleaved([arm.label for arm in arms], repeats, warmup, run_one)
@@ -613,15 +618,63 @@ def _time_phases(spec: Any, arms: Sequence[Arm], batch: Mapping[str, np.ndarray]
             phases[arm.label][phase.name] = {
                 **stats, "flops": flops["flops"], "flops_by_op": flops["by_op"], "floor_s": floor,
                 "pct_of_floor": 100.0 * floor / stats["median_s"], "finite": finite[arm.label], "loss": phase.loss,
-                "lr_feed": phase.lr_feed, "seconds": seconds[arm.label],
+                "lr_feed": phase.lr_feed, "seconds": seconds[arm.label], "last_record": last[arm.label],
+                "steps_taken": warmup + repeats,
                 "ratio_to": {o: stats["median_s"] / m for o, m in medians.items() if o != arm.label}}
             if profile:
                 if arm.settings is not None:
                     apply(arm.settings)
                 try:
                     profiles[arm.label][phase.name] = arm.side.profile_step(phase.name, batch, phase.lr_feed)
+                    phases[arm.label][phase.name]["steps_taken"] += 1  # the profiled step is a step too
                 except Unsupported as err:
                     profiles[arm.label][phase.name] = {"unsupported": str(err)}
+
+
+def set_compiled(side: Any, on: bool) -> bool | str:
+    """Switch a port side's training step to compiled or eager (the protocol's optional ``set_compiled``):
+    what the arm runs, or why it cannot compile (it then runs eager, and its document says so)."""
+    try:
+        side.set_compiled(on)
+    except (Unsupported, AttributeError) as err:
+        return f"unsupported: {err}" if on else False
+    return on
+
+
+def drift_from_exact(arms: Sequence[Arm], phases: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """How far each other port mode's run ended from the exact one's: every arm started from the same
+    weights and took the same steps on the same batch (warm-up, timed and profiled, phase by phase), so
+    the weights after them and each phase's last loss terms differ only by the modes' arithmetic (TF32,
+    the compiler's kernels and fusions). Per arm: the weights' largest absolute and scale-relative
+    difference (|Δ| / max |w| of the tensor), where, and how many tensors are bit-identical; each phase's
+    last loss terms, other − exact. Not measured (a reason instead) where an arm failed a phase."""
+    exact = next((a for a in arms if a.label == EXACT), None)
+    out: dict[str, dict[str, Any]] = {}
+    if exact is None:
+        return out
+    reference = exact.side.get_weights()
+    for arm in arms:
+        if arm is exact or arm.settings is None:
+            continue
+        failed = [f"{label} {name}" for label in (EXACT, arm.label) for name, p in phases[label].items() if "error" in p]
+        steps = {name: p["steps_taken"] for name, p in phases[arm.label].items() if "error" not in p}
+        if failed or steps != {name: p["steps_taken"] for name, p in phases[EXACT].items() if "error" not in p}:
+            why = f"failed in {', '.join(failed)}" if failed else "a different number of steps (a profiled step one of them could not take)"
+            out[arm.label] = {"not_measured": f"the arms did not take the same steps: {why}"}
+            continue
+        weights, worst_abs, worst_rel, identical = arm.side.get_weights(), ("", 0.0), ("", 0.0), 0
+        for name, w in reference.items():
+            diff = float(np.max(np.abs(np.asarray(weights[name], np.float64) - w), initial=0.0))
+            rel = diff / max(float(np.max(np.abs(w), initial=0.0)), np.finfo(np.float32).tiny)
+            identical += int(np.array_equal(weights[name], w))
+            worst_abs, worst_rel = max(worst_abs, (name, diff), key=lambda t: t[1]), max(worst_rel, (name, rel), key=lambda t: t[1])
+        losses = {name: {k: v - phases[EXACT][name]["last_record"][k] for k, v in p["last_record"].items()
+                         if k not in ("lr", "global_step") and k in phases[EXACT][name]["last_record"]}
+                  for name, p in phases[arm.label].items()}
+        out[arm.label] = {"weights": {"tensors": len(reference), "bit_identical": identical, "max_abs": worst_abs[1],
+                                      "max_abs_tensor": worst_abs[0], "max_rel": worst_rel[1], "max_rel_tensor": worst_rel[0]},
+                          "last_losses": losses, "steps_per_phase": steps}
+    return out
 
 
 def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("exact",), reference: bool = False,
@@ -642,6 +695,7 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
     threads = threads or torch.get_num_threads()
     arms = [Arm(mode, spec.make_port(cfg, "float32", device), "torch", device, Settings.for_mode(mode, device, threads, compete))
             for mode in modes]
+    compiled = {arm.label: set_compiled(arm.side, arm.settings.compiled) for arm in arms if arm.settings is not None}
     if reference:
         ref = spec.make_reference(cfg, "float32")
         tf = sys.modules.get("tensorflow")
@@ -665,6 +719,7 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
                 peaks[key] = gemm_peak(arm.device, key[1], gemm_n)
         with competing(compete) as competitors:
             _time_phases(spec, arms, batch, meta, repeats, warmup, profile, phases, profiles, applied, peaks)
+    drifts = drift_from_exact(arms, phases)
     env = environment(device)
     docs = []
     for arm in arms:
@@ -674,7 +729,8 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
             "key": arm.settings.key if arm.settings else (f"{arm.device}-{REFERENCE}-tf32_{int(settings['tf32'])}-intra_"
                                                           f"{settings['intra_op_threads']}-inter_{settings['inter_op_threads']}-onednn_{int(bool(settings['onednn']))}"
                                                           f"-omp_{settings['omp_wait_policy']}{compete_suffix(compete)}"),
-            "settings": settings, "applied": applied.get(arm.label), "environment": {**env, "device": arm.device},
+            "settings": settings, "applied": applied.get(arm.label), "compiled": compiled.get(arm.label),
+            "environment": {**env, "device": arm.device},
             "peak": peaks[(arm.device, bool(arm.settings and arm.settings.tf32))], "arms": [a.label for a in arms],
             "order": "interleaved round robin (A B A B ...) after per-arm warm-up", "warmup": warmup, "repeats": repeats,
             "batch_size": int(len(next(iter(batch.values())))), "data": data_name, "seed": seed,
@@ -685,6 +741,8 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
         }
         if profile and profiles[arm.label]:
             doc["profile"] = profiles[arm.label]
+        if arm.label in drifts:
+            doc["drift_from_exact"] = drifts[arm.label]
         if out is not None:
             write_json(result_path(out, doc), doc)
         docs.append(doc)
@@ -725,7 +783,35 @@ def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
     return ["Port / TF reference, same run, interleaved (medians; paired: the median of the per-round ratios, "
             "95 % bootstrap interval):", "",
             "| model / variant | device | port mode | competing processes | TF kernels | phase | TF reference (ms) | port (ms) | port / TF "
-            "| paired port / TF [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|", *rows, "", "Every arm:", ""]
+            "| paired port / TF [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+
+
+def _drift_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Each non-exact port arm against the exact arm of its run: where its weights ended after the same
+    steps (:func:`drift_from_exact`), its last loss terms, and its step time over the exact arm's."""
+    rows = []
+    for d in docs:
+        drift = d.get("drift_from_exact")
+        if not drift:
+            continue
+        head = f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} | {d.get('compiled')} | {d['settings'].get('competing', 0)} |"
+        if "not_measured" in drift:
+            rows.append(f"{head} not measured: {drift['not_measured']} | | | | |")
+            continue
+        w = drift["weights"]
+        losses = "; ".join(f"{phase}: " + ", ".join(f"{k} {v:+.2g}" for k, v in terms.items()) for phase, terms in drift["last_losses"].items())
+        times = ", ".join(f"{phase} {p['ratio_to'][EXACT]:.2f}" for phase, p in d["phases"].items() if EXACT in p.get("ratio_to", {}))
+        steps = ", ".join(f"{n}" for n in drift["steps_per_phase"].values())
+        rows.append(f"{head} {steps} | {w['bit_identical']} / {w['tensors']} | {w['max_abs']:.2g} (`{w['max_abs_tensor']}`) | "
+                    f"{w['max_rel']:.2g} (`{w['max_rel_tensor']}`) | {losses} | {times} |")
+    if not rows:
+        return []
+    return ["Port modes against the parity-exact one, same run: every arm started from the same weights and took the same "
+            "steps on the same batch (steps per phase, in phase order); where the weights ended and the last step's loss terms "
+            "(mode − exact), and the step time over exact's:", "",
+            "| model / variant | device | mode | compiled | competing processes | steps per phase | tensors bit-identical "
+            "| max abs Δ weight | max Δ / max abs weight | last loss terms, Δ | step time / exact |",
+            "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _load_words(doc: Mapping[str, Any]) -> str:
@@ -746,7 +832,8 @@ def markdown(folder: Path) -> str:
                 "`nox -s timing -- --model dpsom --variant dense --device cuda --modes exact,fast` "
                 "(or `python -m harness.timing ...`), then `python -m harness.readme`.")
     docs = [json.loads(p.read_text()) for p in paths]
-    lines = _ratio_summary(docs)
+    lines = _ratio_summary(docs) + _drift_summary(docs)
+    lines += ["Every arm:", ""] if lines else []
     lines += ["| model / variant | device | arm (settings key) | phase | median (ms) | IQR (ms) | n | GFLOP / step | GEMM peak (TFLOP/s) "
              "| % of floor | median vs other arms |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     notes = []

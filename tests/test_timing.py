@@ -216,7 +216,8 @@ def test_result_files_and_schema(stored):
             assert field in env, field
         assert CPU == "cpu-" + env["cpu_isa"].lower() and env["cpu_isa"] in env["device_name"]
         s = on_disk["settings"]
-        assert {k: s[k] for k in ("tf32", "cudnn_benchmark", "deterministic")} == timing.MODES[doc["mode"]]
+        assert {k: s[k] for k in ("tf32", "cudnn_benchmark", "deterministic", "compiled")} == timing.MODES[doc["mode"]]
+        assert on_disk["compiled"] is (doc["mode"] == "fast")  # the DEKM port's trainer compiles its step
         assert (s["threads"], on_disk["applied"]["threads"], on_disk["applied"]["tf32_matmul"]) == (1, 1, s["tf32"])
         assert on_disk["clock"] == "time.perf_counter" and on_disk["peak"]["flops_per_s"] > 0
         assert on_disk["phase_order"] == [p.name for p in spec.phases] and sorted(on_disk["phases"]) == sorted(on_disk["phase_order"])
@@ -231,6 +232,54 @@ def test_result_files_and_schema(stored):
     assert {"encoder.fc1", "embedding", "decoder.out"} <= set(layers)  # canonical names, from the mapping table
     assert layers["encoder.fc1"]["forward_cpu_ms"] > 0 and layers["encoder.fc1"]["backward_cpu_ms"] > 0
     assert set(docs[0]["profile"]["pretrain"]["top_level"]) == {"encoder", "embedding", "decoder"}
+
+
+def test_fast_mode_records_its_drift_from_exact(stored):
+    """Both arms took the same steps from the same weights on the same batch; the fast arm's document
+    says how far it ended from the exact one (the compiler's kernels: not bit-exact, but float32 noise)."""
+    _, docs = stored
+    exact, fast = docs
+    assert "drift_from_exact" not in exact
+    drift = fast["drift_from_exact"]
+    assert drift["steps_per_phase"] == {"pretrain": 5, "cluster": 5}  # warm-up 1 + 3 timed + 1 profiled
+    w = drift["weights"]
+    assert w["tensors"] == len(get_spec("dekm").make_port(get_spec("dekm").get_config("tiny-dense"), "float32").get_weights())
+    # measured here: max_rel 1.4e-7 (about one float32 ulp of the largest weight) after 4 steps a phase
+    assert 0 <= w["max_rel"] < 1e-5 and w["max_abs"] >= 0 and w["max_rel_tensor"] and 0 <= w["bit_identical"] <= w["tensors"]
+    assert set(drift["last_losses"]) == {"pretrain", "cluster"}
+    assert set(drift["last_losses"]["pretrain"]) == {"loss.recon"}  # loss terms only: no lr, no global step
+    for phase, terms in drift["last_losses"].items():
+        assert terms and all(abs(d) <= 1e-5 * max(1.0, abs(fast["phases"][phase]["last_record"][k])) for k, d in terms.items())
+
+
+class _Side:
+    def __init__(self, weights):
+        self.weights = weights
+
+    def get_weights(self):
+        return self.weights
+
+
+def _arm(label, weights):
+    return timing.Arm(label, _Side(weights), "torch", "cpu", timing.Settings.for_mode(label, "cpu", threads=1))
+
+
+def test_drift_from_exact_against_hand_computed_values():
+    exact = {"a": np.array([1.0, -2.0], np.float32), "b": np.array([4.0], np.float32)}
+    fast = {"a": np.array([1.0, -2.5], np.float32), "b": np.array([4.0], np.float32)}
+    record = {"loss.x": 3.0, "lr": 0.1, "global_step": 2}
+    phases = {"exact": {"p": {"steps_taken": 4, "last_record": record}},
+              "fast": {"p": {"steps_taken": 4, "last_record": {**record, "loss.x": 3.25}}}}
+    got = timing.drift_from_exact([_arm("exact", exact), _arm("fast", fast)], phases)["fast"]
+    assert got["weights"] == {"tensors": 2, "bit_identical": 1, "max_abs": 0.5, "max_abs_tensor": "a", "max_rel": 0.25, "max_rel_tensor": "a"}
+    assert got["last_losses"] == {"p": {"loss.x": 0.25}} and got["steps_per_phase"] == {"p": 4}
+    same = timing.drift_from_exact([_arm("exact", exact), _arm("fast", dict(exact))], phases)["fast"]["weights"]
+    assert (same["bit_identical"], same["max_abs"], same["max_rel"]) == (2, 0.0, 0.0)
+    phases["fast"]["p"]["steps_taken"] = 5  # one arm took a profiled step the other could not: nothing compared
+    assert "different number of steps" in timing.drift_from_exact([_arm("exact", exact), _arm("fast", fast)], phases)["fast"]["not_measured"]
+    phases["fast"]["p"] = {"error": "RuntimeError: out of memory"}
+    assert "failed in fast p" in timing.drift_from_exact([_arm("exact", exact), _arm("fast", fast)], phases)["fast"]["not_measured"]
+    assert timing.drift_from_exact([_arm("fast", fast)], phases) == {}  # no exact arm: nothing to measure from
 
 
 def test_a_failing_step_is_recorded_not_retried(monkeypatch, tmp_path):
@@ -277,8 +326,11 @@ def test_readme_timing_table(stored, tmp_path):
         (tmp_path / "timing" / p.name).write_text(p.read_text())
     section = render(readme, tmp_path).split("<!-- timing:begin -->")[1].split("<!-- timing:end -->")[0]
     rows = [line for line in section.splitlines() if line.startswith("| dekm / tiny-dense")]
-    assert len(rows) == 4  # two arms x two phases
+    assert len(rows) == 5  # two arms x two phases, and the fast arm's drift from exact
     assert any("exact (`cpu-exact-tf32_0" in r and "| pretrain |" in r for r in rows)
+    drift = next(r for r in rows if "| fast | True |" in r)
+    assert "| 5, 5 |" in drift and "pretrain: loss.recon" in drift and "cluster: loss.cluster" in drift
+    assert section.index("Port modes against the parity-exact one") < section.index("Every arm:")
     assert f"`dekm-tiny-dense-{CPU}-fast.json`" in section
 
 

@@ -182,6 +182,15 @@ class TorchPortAdapter:
         """Apply the ``.grad`` now on the parameters with ``phase``'s optimizer; ``{"lr", "global_step"}``."""
         raise Unsupported(f"{type(self).__name__} does not provide optimizer_step()")
 
+    def set_compiled(self, on: bool) -> None:
+        """The protocol's optional switch to a compiled training step (the timing tier's fast mode): the
+        ``compiled`` attribute of the adapter's ``trainer`` where it has one (the suite's ports), else
+        :class:`Unsupported`."""
+        trainer = getattr(self, "trainer", None)
+        if not hasattr(trainer, "compiled"):
+            raise Unsupported(f"{type(self).__name__} does not provide set_compiled() (no trainer with a 'compiled' switch)")
+        trainer.compiled = on
+
     def apply_gradients(self, phase: str, gradients: Mapping[str, np.ndarray], lr_feed: float) -> dict[str, Any]:
         params = dict(self.module.named_parameters())
         for p in params.values():

@@ -46,10 +46,14 @@ LOSS_KEYS = {"pretrain": "loss.recon", "cluster": "loss.cluster"}
 class Trainer:
     """Model + one fresh optimizer per phase; ``step`` is one ``train_on_batch`` / tape step of the original."""
 
-    def __init__(self, config: DEKMConfig, model: DEKM | None = None) -> None:
+    def __init__(self, config: DEKMConfig, model: DEKM | None = None, compiled: bool = False) -> None:
+        """``compiled``: each step's loss (and, through AOTAutograd, its backward) runs through
+        ``torch.compile``: a fast mode, not parity-exact (the compiler's kernels and fusions)."""
         self.config = config
         self.model = model if model is not None else DEKM(config)
         self.optimizers: dict[str, TorchAdam] = {}
+        self.compiled = compiled
+        self._compiled_terms: Callable[..., dict[str, torch.Tensor]] | None = None
 
     def optimizer(self, phase: str) -> TorchAdam:
         """The phase's optimizer, created when the phase first steps (``shared_optimizer``: one for both)."""
@@ -87,7 +91,12 @@ class Trainer:
         if len(x) == 0:
             raise ValueError(f"empty batch in phase {phase!r}: Keras would still move the weights by Adam momentum; refused")
         opt = self.optimizer(phase)
-        terms = self.compute_terms(phase, x, V, t)
+        compute = self.compute_terms
+        if self.compiled:  # tensors in: the compiled function sees no numpy array
+            if self._compiled_terms is None:
+                self._compiled_terms = torch.compile(self.compute_terms)
+            compute, x, V, t = self._compiled_terms, self._tensor(x), *(None if a is None else self._tensor(a) for a in (V, t))
+        terms = compute(phase, x, V, t)
         loss = terms[LOSS_KEYS[phase]]
         for group in opt.param_groups:
             group["lr"] = lr_feed

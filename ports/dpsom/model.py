@@ -82,6 +82,7 @@ class Dense(nn.Linear):
 
     On CPU in float32 the forward GEMM goes through oneDNN instead of MKL (see ``_OneDNNLinear``):
     up to 2.5x faster on the 2000 x 5150 posterior head on AMD EPYC, where MKL takes its generic path.
+    Under ``torch.compile`` (the trainer's fast mode) it is ``F.linear``, whose GEMM the compiler picks.
     """
 
     def __init__(self, in_features: int, out_features: int) -> None:
@@ -90,7 +91,7 @@ class Dense(nn.Linear):
         self._packed: tuple[tuple[int, int, int], Tensor | None] | None = None  # see forward_weight
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and _ONEDNN:
+        if x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 2 and _ONEDNN and not torch.compiler.is_compiling():
             return _OneDNNLinear.apply(x, self.weight, self.bias, self.forward_weight(len(x)))
         return F.linear(x, self.weight, self.bias)
 

@@ -110,8 +110,14 @@ def resolve_all(pending: list[PendingRecord]) -> list[dict[str, float]]:
 class Trainer:
     """Model + the one shared optimizer; ``step`` is one ``session.run(train_op)`` of the original."""
 
-    def __init__(self, config: DPSOMConfig, model: DPSOM | None = None, generator: torch.Generator | None = None) -> None:
+    def __init__(self, config: DPSOMConfig, model: DPSOM | None = None, generator: torch.Generator | None = None,
+                 compiled: bool = False) -> None:
+        """``compiled``: each step's loss terms (forward, losses and, through AOTAutograd, their backward)
+        run through ``torch.compile``: the fast mode of full-schedule runs, not parity-exact (its own
+        kernels and fusions: another summation order; measured drift in the README's T6 section)."""
         self.config = config
+        self.compiled = compiled
+        self._compiled_terms: Callable[..., dict[str, torch.Tensor]] | None = None
         self.model = model if model is not None else DPSOM(config)
         self.optimizer = TF1Adam(self.model.named_parameters())
         self.generator = generator if generator is not None else device_generator(self.device, config.random_seed)
@@ -174,7 +180,12 @@ class Trainer:
             self.begin_phase(phase)
         lr = effective_learning_rate(lr_feed, self.optimizer.global_step, cfg.decay_steps, cfg.decay_factor)
         x = self._tensor(x)
-        terms = self.compute_terms(phase, x, self._eps(eps), None if p is None else self._tensor(p), head)
+        compute = self.compute_terms
+        if self.compiled:
+            if self._compiled_terms is None:
+                self._compiled_terms = torch.compile(self.compute_terms)
+            compute = self._compiled_terms
+        terms = compute(phase, x, self._eps(eps), None if p is None else self._tensor(p), head)
         loss = terms[{"vae": "loss.elbo", "som_init": "loss.som_init", "joint": "loss.total"}[phase]]
         self.optimizer.zero_grad()
         loss.backward()
