@@ -14,6 +14,12 @@ Why it is built this way:
   are set explicitly before each of an arm's steps and read back; ``OMP_WAIT_POLICY`` (read by the
   OpenMP runtime once, at start-up) is set by the CLI before torch is imported. All of them are recorded
   and spelled out in the result's ``key``; torch's global state is restored afterwards.
+* **Modes.** ``exact`` is what the parity tiers run (TF32 off, deterministic algorithms, eager). ``fast``
+  turns TF32 and cuDNN's benchmark on, deterministic algorithms off, and the port's step compiled
+  (``torch.compile``, through the side protocol's optional ``set_compiled``; a port without it runs eager
+  and its document says so). Every arm took the same steps from the same weights on the same batch, so
+  where a mode's weights and last loss terms end against exact's is its measured drift
+  (:func:`drift_from_exact`), stored with it and tabulated.
 * **Clocks.** On CUDA a step is timed by CUDA events recorded around it after a synchronize (a host
   timer would measure the launch queue); on CPU by ``time.perf_counter``, with the thread count recorded.
 * **FLOPs from the architecture.** ``torch.utils.flop_counter.FlopCounterMode`` over one forward +
@@ -629,6 +635,13 @@ def _time_phases(spec: Any, arms: Sequence[Arm], batch: Mapping[str, np.ndarray]
                     phases[arm.label][phase.name]["steps_taken"] += 1  # the profiled step is a step too
                 except Unsupported as err:
                     profiles[arm.label][phase.name] = {"unsupported": str(err)}
+        exact = by_label.get(EXACT)
+        others = [arm for arm in arms if arm.settings is not None and arm is not exact and arm.label not in failed]
+        if exact is not None and EXACT not in failed and others:  # each other mode's weights after the phase (drift_from_exact)
+            base = exact.side.get_weights()
+            for arm in others:
+                phases[arm.label][phase.name]["weights_vs_exact"] = weight_drift(base, arm.side.get_weights())
+            del base
 
 
 def set_compiled(side: Any, on: bool) -> bool | str:
@@ -641,39 +654,43 @@ def set_compiled(side: Any, on: bool) -> bool | str:
     return on
 
 
-def drift_from_exact(arms: Sequence[Arm], phases: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
-    """How far each other port mode's run ended from the exact one's: every arm started from the same
+def weight_drift(exact: Mapping[str, np.ndarray], other: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Where ``other``'s weights are against ``exact``'s: the largest absolute and scale-relative
+    difference (|Δ| / max |w| of the tensor), in which tensor, and how many tensors are bit-identical."""
+    worst_abs, worst_rel, identical = ("", 0.0), ("", 0.0), 0
+    for name, w in exact.items():
+        diff = float(np.max(np.abs(np.asarray(other[name], np.float64) - w), initial=0.0))
+        rel = diff / max(float(np.max(np.abs(w), initial=0.0)), np.finfo(np.float32).tiny)
+        identical += int(np.array_equal(other[name], w))
+        worst_abs, worst_rel = max(worst_abs, (name, diff), key=lambda t: t[1]), max(worst_rel, (name, rel), key=lambda t: t[1])
+    return {"tensors": len(exact), "bit_identical": identical, "max_abs": worst_abs[1], "max_abs_tensor": worst_abs[0],
+            "max_rel": worst_rel[1], "max_rel_tensor": worst_rel[0]}
+
+
+def drift_from_exact(labels: Sequence[str], phases: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """How far each port mode in ``labels`` went from the exact arm: every arm started from the same
     weights and took the same steps on the same batch (warm-up, timed and profiled, phase by phase), so
-    the weights after them and each phase's last loss terms differ only by the modes' arithmetic (TF32,
-    the compiler's kernels and fusions). Per arm: the weights' largest absolute and scale-relative
-    difference (|Δ| / max |w| of the tensor), where, and how many tensors are bit-identical; each phase's
-    last loss terms, other − exact. Not measured (a reason instead) where an arm failed a phase."""
-    exact = next((a for a in arms if a.label == EXACT), None)
+    its weights after each phase (``weights_vs_exact``, :func:`weight_drift`) and each phase's last loss
+    terms (mode − exact) differ only by the modes' arithmetic (TF32, the compiler's kernels and fusions),
+    compounded by the steps. Not measured (a reason instead) where an arm failed a phase."""
     out: dict[str, dict[str, Any]] = {}
-    if exact is None:
+    if EXACT not in phases:
         return out
-    reference = exact.side.get_weights()
-    for arm in arms:
-        if arm is exact or arm.settings is None:
+    base = phases[EXACT]
+    for label in labels:
+        if label == EXACT:
             continue
-        failed = [f"{label} {name}" for label in (EXACT, arm.label) for name, p in phases[label].items() if "error" in p]
-        steps = {name: p["steps_taken"] for name, p in phases[arm.label].items() if "error" not in p}
-        if failed or steps != {name: p["steps_taken"] for name, p in phases[EXACT].items() if "error" not in p}:
+        failed = [f"{arm} {name}" for arm in (EXACT, label) for name, p in phases[arm].items() if "error" in p]
+        steps = {name: p["steps_taken"] for name, p in phases[label].items() if "error" not in p}
+        if failed or steps != {name: p["steps_taken"] for name, p in base.items() if "error" not in p}:
             why = f"failed in {', '.join(failed)}" if failed else "a different number of steps (a profiled step one of them could not take)"
-            out[arm.label] = {"not_measured": f"the arms did not take the same steps: {why}"}
+            out[label] = {"not_measured": f"the arms did not take the same steps: {why}"}
             continue
-        weights, worst_abs, worst_rel, identical = arm.side.get_weights(), ("", 0.0), ("", 0.0), 0
-        for name, w in reference.items():
-            diff = float(np.max(np.abs(np.asarray(weights[name], np.float64) - w), initial=0.0))
-            rel = diff / max(float(np.max(np.abs(w), initial=0.0)), np.finfo(np.float32).tiny)
-            identical += int(np.array_equal(weights[name], w))
-            worst_abs, worst_rel = max(worst_abs, (name, diff), key=lambda t: t[1]), max(worst_rel, (name, rel), key=lambda t: t[1])
-        losses = {name: {k: v - phases[EXACT][name]["last_record"][k] for k, v in p["last_record"].items()
-                         if k not in ("lr", "global_step") and k in phases[EXACT][name]["last_record"]}
-                  for name, p in phases[arm.label].items()}
-        out[arm.label] = {"weights": {"tensors": len(reference), "bit_identical": identical, "max_abs": worst_abs[1],
-                                      "max_abs_tensor": worst_abs[0], "max_rel": worst_rel[1], "max_rel_tensor": worst_rel[0]},
-                          "last_losses": losses, "steps_per_phase": steps}
+        out[label] = {"weights_after": {name: p["weights_vs_exact"] for name, p in phases[label].items()},
+                      "last_losses": {name: {k: v - base[name]["last_record"][k] for k, v in p["last_record"].items()
+                                             if k not in ("lr", "global_step") and k in base[name]["last_record"]}
+                                      for name, p in phases[label].items()},
+                      "steps_per_phase": steps}
     return out
 
 
@@ -719,7 +736,7 @@ def run(model: str, variant: str, device: str = "cpu", modes: Sequence[str] = ("
                 peaks[key] = gemm_peak(arm.device, key[1], gemm_n)
         with competing(compete) as competitors:
             _time_phases(spec, arms, batch, meta, repeats, warmup, profile, phases, profiles, applied, peaks)
-    drifts = drift_from_exact(arms, phases)
+    drifts = drift_from_exact([arm.label for arm in arms if arm.settings is not None], phases)
     env = environment(device)
     docs = []
     for arm in arms:
@@ -786,6 +803,15 @@ def _ratio_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
             "| paired port / TF [95 % CI] |", "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
+def _loss_drift(phase: Mapping[str, Any], deltas: Mapping[str, float]) -> str:
+    """The phase's minimised loss at its last step, mode − exact, and that over exact's value."""
+    loss = phase["loss"]
+    if loss not in deltas:
+        return "–"
+    exact = phase["last_record"][loss] - deltas[loss]
+    return f"{loss} {deltas[loss]:+.2g} ({deltas[loss] / exact:+.1e} of it)" if exact else f"{loss} {deltas[loss]:+.2g}"
+
+
 def _drift_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
     """Each non-exact port arm against the exact arm of its run: where its weights ended after the same
     steps (:func:`drift_from_exact`), its last loss terms, and its step time over the exact arm's."""
@@ -796,22 +822,25 @@ def _drift_summary(docs: Sequence[Mapping[str, Any]]) -> list[str]:
             continue
         head = f"| {d['model']} / {d['variant']} | {device_label(d)} | {d['mode']} | {d.get('compiled')} | {d['settings'].get('competing', 0)} |"
         if "not_measured" in drift:
-            rows.append(f"{head} not measured: {drift['not_measured']} | | | | |")
+            rows.append(f"{head} not measured: {drift['not_measured']} | | | |")
             continue
-        w = drift["weights"]
-        losses = "; ".join(f"{phase}: " + ", ".join(f"{k} {v:+.2g}" for k, v in terms.items()) for phase, terms in drift["last_losses"].items())
-        times = ", ".join(f"{phase} {p['ratio_to'][EXACT]:.2f}" for phase, p in d["phases"].items() if EXACT in p.get("ratio_to", {}))
-        steps = ", ".join(f"{n}" for n in drift["steps_per_phase"].values())
-        rows.append(f"{head} {steps} | {w['bit_identical']} / {w['tensors']} | {w['max_abs']:.2g} (`{w['max_abs_tensor']}`) | "
-                    f"{w['max_rel']:.2g} (`{w['max_rel_tensor']}`) | {losses} | {times} |")
+        order = [phase for phase in d["phase_order"] if phase in drift["weights_after"]]
+        after = drift["weights_after"]
+        rel = ", ".join(f"{phase} {after[phase]['max_rel']:.2g} (`{after[phase]['max_rel_tensor']}`)" for phase in order)
+        same = ", ".join(f"{after[phase]['bit_identical']}" for phase in order)
+        losses = ", ".join(_loss_drift(d["phases"][phase], drift["last_losses"][phase]) for phase in order)
+        times = ", ".join(f"{phase} {d['phases'][phase]['ratio_to'][EXACT]:.2f}" for phase in order)
+        steps = ", ".join(f"{drift['steps_per_phase'][phase]}" for phase in order)
+        rows.append(f"{head} {steps} | {same} of {after[order[-1]]['tensors']} | {rel} | {losses} | {times} |")
     if not rows:
         return []
     return ["Port modes against the parity-exact one, same run: every arm started from the same weights and took the same "
-            "steps on the same batch (steps per phase, in phase order); where the weights ended and the last step's loss terms "
-            "(mode − exact), and the step time over exact's:", "",
+            "steps on the same batch, phase after phase (steps per phase); after each phase, how many weight tensors are "
+            "bit-identical to exact's and the largest |Δ| / max |w| of a tensor (which), the loss the phase minimises at its last step "
+            "(mode − exact; the document holds every term), and the median step time over exact's:", "",
             "| model / variant | device | mode | compiled | competing processes | steps per phase | tensors bit-identical "
-            "| max abs Δ weight | max Δ / max abs weight | last loss terms, Δ | step time / exact |",
-            "|---|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
+            "| max Δ / max abs weight | last step's loss, Δ | step time / exact |",
+            "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _load_words(doc: Mapping[str, Any]) -> str:

@@ -236,50 +236,58 @@ def test_result_files_and_schema(stored):
 
 def test_fast_mode_records_its_drift_from_exact(stored):
     """Both arms took the same steps from the same weights on the same batch; the fast arm's document
-    says how far it ended from the exact one (the compiler's kernels: not bit-exact, but float32 noise)."""
+    says how far it went from the exact one, phase by phase (the compiler's kernels: not bit-exact)."""
     _, docs = stored
     exact, fast = docs
     assert "drift_from_exact" not in exact
     drift = fast["drift_from_exact"]
     assert drift["steps_per_phase"] == {"pretrain": 5, "cluster": 5}  # warm-up 1 + 3 timed + 1 profiled
-    w = drift["weights"]
-    assert w["tensors"] == len(get_spec("dekm").make_port(get_spec("dekm").get_config("tiny-dense"), "float32").get_weights())
-    # measured here: max_rel 1.4e-7 (about one float32 ulp of the largest weight) after 4 steps a phase
-    assert 0 <= w["max_rel"] < 1e-5 and w["max_abs"] >= 0 and w["max_rel_tensor"] and 0 <= w["bit_identical"] <= w["tensors"]
+    n = len(get_spec("dekm").make_port(get_spec("dekm").get_config("tiny-dense"), "float32").get_weights())
+    for phase in ("pretrain", "cluster"):
+        w = drift["weights_after"][phase]
+        assert w == fast["phases"][phase]["weights_vs_exact"] and w["tensors"] == n and 0 <= w["bit_identical"] <= n
+        # measured here: max_rel 1.4e-7 (about one float32 ulp of the largest weight) after the cluster phase
+        assert 0 <= w["max_rel"] < 1e-5 and w["max_abs"] >= 0 and w["max_rel_tensor"]
     assert set(drift["last_losses"]) == {"pretrain", "cluster"}
     assert set(drift["last_losses"]["pretrain"]) == {"loss.recon"}  # loss terms only: no lr, no global step
     for phase, terms in drift["last_losses"].items():
-        assert terms and all(abs(d) <= 1e-5 * max(1.0, abs(fast["phases"][phase]["last_record"][k])) for k, d in terms.items())
+        record = fast["phases"][phase]["last_record"]
+        assert terms and all(d == record[k] - exact["phases"][phase]["last_record"][k] for k, d in terms.items())
+        assert all(abs(d) <= 1e-5 * max(1.0, abs(record[k])) for k, d in terms.items())
 
 
-class _Side:
-    def __init__(self, weights):
-        self.weights = weights
-
-    def get_weights(self):
-        return self.weights
-
-
-def _arm(label, weights):
-    return timing.Arm(label, _Side(weights), "torch", "cpu", timing.Settings.for_mode(label, "cpu", threads=1))
-
-
-def test_drift_from_exact_against_hand_computed_values():
+def test_weight_drift_against_hand_computed_values():
     exact = {"a": np.array([1.0, -2.0], np.float32), "b": np.array([4.0], np.float32)}
     fast = {"a": np.array([1.0, -2.5], np.float32), "b": np.array([4.0], np.float32)}
+    assert timing.weight_drift(exact, fast) == {"tensors": 2, "bit_identical": 1, "max_abs": 0.5, "max_abs_tensor": "a",
+                                                "max_rel": 0.25, "max_rel_tensor": "a"}
+    assert timing.weight_drift(exact, dict(exact)) | {"max_abs_tensor": None, "max_rel_tensor": None} == {
+        "tensors": 2, "bit_identical": 2, "max_abs": 0.0, "max_abs_tensor": None, "max_rel": 0.0, "max_rel_tensor": None}
+
+
+def test_drift_from_exact_needs_the_same_steps():
+    w = {"tensors": 1, "bit_identical": 0, "max_abs": 0.5, "max_abs_tensor": "a", "max_rel": 0.25, "max_rel_tensor": "a"}
     record = {"loss.x": 3.0, "lr": 0.1, "global_step": 2}
     phases = {"exact": {"p": {"steps_taken": 4, "last_record": record}},
-              "fast": {"p": {"steps_taken": 4, "last_record": {**record, "loss.x": 3.25}}}}
-    got = timing.drift_from_exact([_arm("exact", exact), _arm("fast", fast)], phases)["fast"]
-    assert got["weights"] == {"tensors": 2, "bit_identical": 1, "max_abs": 0.5, "max_abs_tensor": "a", "max_rel": 0.25, "max_rel_tensor": "a"}
-    assert got["last_losses"] == {"p": {"loss.x": 0.25}} and got["steps_per_phase"] == {"p": 4}
-    same = timing.drift_from_exact([_arm("exact", exact), _arm("fast", dict(exact))], phases)["fast"]["weights"]
-    assert (same["bit_identical"], same["max_abs"], same["max_rel"]) == (2, 0.0, 0.0)
+              "fast": {"p": {"steps_taken": 4, "last_record": {**record, "loss.x": 3.25}, "weights_vs_exact": w}}}
+    assert timing.drift_from_exact(["exact", "fast"], phases) == {
+        "fast": {"weights_after": {"p": w}, "last_losses": {"p": {"loss.x": 0.25}}, "steps_per_phase": {"p": 4}}}
     phases["fast"]["p"]["steps_taken"] = 5  # one arm took a profiled step the other could not: nothing compared
-    assert "different number of steps" in timing.drift_from_exact([_arm("exact", exact), _arm("fast", fast)], phases)["fast"]["not_measured"]
+    assert "different number of steps" in timing.drift_from_exact(["exact", "fast"], phases)["fast"]["not_measured"]
     phases["fast"]["p"] = {"error": "RuntimeError: out of memory"}
-    assert "failed in fast p" in timing.drift_from_exact([_arm("exact", exact), _arm("fast", fast)], phases)["fast"]["not_measured"]
-    assert timing.drift_from_exact([_arm("fast", fast)], phases) == {}  # no exact arm: nothing to measure from
+    assert "failed in fast p" in timing.drift_from_exact(["exact", "fast"], phases)["fast"]["not_measured"]
+    assert timing.drift_from_exact(["fast"], {"fast": phases["fast"]}) == {}  # no exact arm: nothing to measure from
+
+
+def test_set_compiled_says_why_a_port_cannot_compile():
+    class NoTrainer:
+        pass
+
+    assert timing.set_compiled(NoTrainer(), False) is False  # exact: eager, whatever the port offers
+    assert timing.set_compiled(NoTrainer(), True).startswith("unsupported: ")
+    port = get_spec("dekm").make_port(get_spec("dekm").get_config("tiny-dense"), "float32")
+    assert timing.set_compiled(port, True) is True and port.trainer.compiled
+    assert timing.set_compiled(port, False) is False and not port.trainer.compiled
 
 
 def test_a_failing_step_is_recorded_not_retried(monkeypatch, tmp_path):
@@ -320,7 +328,7 @@ def test_readme_timing_table(stored, tmp_path):
     empty = render(readme, tmp_path)
     section = empty.split("<!-- timing:begin -->")[1].split("<!-- timing:end -->")[0]
     assert "No T6 timings stored" in section and "python -m harness.timing" in section
-    out, _ = stored
+    out, docs = stored
     (tmp_path / "timing").mkdir()
     for p in out.iterdir():
         (tmp_path / "timing" / p.name).write_text(p.read_text())
@@ -329,7 +337,7 @@ def test_readme_timing_table(stored, tmp_path):
     assert len(rows) == 5  # two arms x two phases, and the fast arm's drift from exact
     assert any("exact (`cpu-exact-tf32_0" in r and "| pretrain |" in r for r in rows)
     drift = next(r for r in rows if "| fast | True |" in r)
-    assert "| 5, 5 |" in drift and "pretrain: loss.recon" in drift and "cluster: loss.cluster" in drift
+    assert "| 5, 5 |" in drift and "loss.recon " in drift and "loss.cluster " in drift and f" of {docs[1]['drift_from_exact']['weights_after']['cluster']['tensors']} |" in drift
     assert section.index("Port modes against the parity-exact one") < section.index("Every arm:")
     assert f"`dekm-tiny-dense-{CPU}-fast.json`" in section
 
