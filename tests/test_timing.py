@@ -248,6 +248,9 @@ def test_fast_mode_records_its_drift_from_exact(stored):
         assert w == fast["phases"][phase]["weights_vs_exact"] and w["tensors"] == n and 0 <= w["bit_identical"] <= n
         # measured here: max_rel 1.4e-7 (about one float32 ulp of the largest weight) after the cluster phase
         assert 0 <= w["max_rel"] < 1e-5 and w["max_abs"] >= 0 and w["max_rel_tensor"]
+    # the arms compared are the two modes, not one arm with itself: the compiler's kernels moved some floats
+    # (measured here: 3 of 16 tensors bit-identical after the cluster phase)
+    assert drift["weights_after"]["cluster"]["bit_identical"] < n and drift["weights_after"]["cluster"]["max_abs"] > 0
     assert set(drift["last_losses"]) == {"pretrain", "cluster"}
     assert set(drift["last_losses"]["pretrain"]) == {"loss.recon"}  # loss terms only: no lr, no global step
     for phase, terms in drift["last_losses"].items():
