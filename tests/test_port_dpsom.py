@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -728,3 +729,39 @@ def test_compiled_steps_follow_the_eager_ones_to_float32_noise(variant):
     assert counters["stats"]["unique_graphs"] >= graphs + 3  # one graph (at least) per phase
     for (name, a), b in zip(eager.model.state_dict().items(), fast.model.state_dict().values(), strict=True):
         assert ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item() < 1e-4, name
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.compile's own internals (see above)
+def test_cli_fast_mode_trains_compiled_and_keeps_its_own_result_name(tmp_path, capsys):
+    """``python -m ports.dpsom.train mode=fast``: the whole schedule with the step compiled and the fast
+    switches recorded, its result beside (not over) the exact run's; bad ``mode=`` / ``device=`` values
+    are one-line errors before any data is read."""
+    from torch._dynamo.utils import counters
+
+    from harness.timing import preserved_torch_state
+    from ports.dpsom.train import main
+
+    import os
+
+    if not os.environ.get("PARITY_DATA_DIR"):
+        pytest.skip("real MNIST absent: set PARITY_DATA_DIR (the CLI reads the full MNIST only)")
+    # batches of 3 000: 20 steps an epoch, 120 in the schedule (1 + 4 + 1 epochs)
+    base = ["variant=tiny-dense", "batch_size=3000", f"results_dir={tmp_path / 'results'}", "progress=false"]
+    graphs = counters["stats"]["unique_graphs"]
+    with preserved_torch_state():  # the CLI sets torch's global switches for its process
+        result = main([*base, f"out_dir={tmp_path / 'fast'}", "mode=fast"])
+        assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cuda.matmul.allow_tf32
+    assert counters["stats"]["unique_graphs"] >= graphs + 3  # each phase's step compiled
+    assert result["mode"] == "fast" and result["determinism"] | {"seed": 0} == {
+        "seed": 0, "torch_deterministic": False, "torch_tf32": True, "cudnn_benchmark": True, "compiled": True}
+    stored = json.loads((tmp_path / "results" / f"dpsom-tiny-dense-MNIST-torch-cpu-fast-seed{result['config']['random_seed']}.json").read_text())
+    assert stored["mode"] == "fast" and stored["train_seconds"] > 0
+    assert all(np.isfinite(v) for v in result["metrics"].values()) and result["metrics"]["n_evaluated"] == 9000  # 3 full batches of 10 000
+    for bad, message in (("mode=turbo", "mode='turbo': expected one of ['exact', 'fast']"),
+                         ("device=cuda:7" if not torch.cuda.is_available() else "device=tpu", "device="),
+                         ("device=tpu", "device='tpu'")):
+        with pytest.raises(SystemExit) as exit_:
+            main([*base, f"out_dir={tmp_path / 'bad'}", bad])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()

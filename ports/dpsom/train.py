@@ -529,36 +529,73 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(2) from None
 
 
+# the port's own run-level keys, beside the ones it shares with the reference: where it trains (a torch
+# device) and how (MODES)
+PORT_RUN_KEYS = (*RUN_KEYS, "device", "mode")
+MODES = ("exact", "fast")  # exact: what the parity tiers run; fast: fast_mode() and the step compiled
+
+
+def fast_mode() -> dict[str, Any]:
+    """The fast mode's switches, after :func:`seed_everything`: TF32 and cuDNN's benchmark on, deterministic
+    algorithms off (the Trainer compiles the step). Not parity-exact, nor reproducible from run to run;
+    its drift from the exact mode is measured by the timing tier (README, T6). Returns the switches."""
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return {"torch_deterministic": False, "torch_tf32": True, "cudnn_benchmark": True, "compiled": True}
+
+
+def _device(name: str) -> torch.device:
+    """``device=`` as a torch device that is present (an error naming the key otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"device={name!r}: not a torch device ({err})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r}: no CUDA GPU here (torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={name!r}: expected cpu or cuda[:N]")
+    return device
+
+
 def _run(argv: list[str]) -> dict[str, Any]:
     from .data import load_dpsom_data
     from .evaluate import evaluate
 
     args = parse_overrides(argv)
-    run = {k: args.pop(k) for k in RUN_KEYS if k in args}
+    run = {k: args.pop(k) for k in PORT_RUN_KEYS if k in args}
     variant = run.get("variant", "dense")
     resume = parse_flag("resume", run.get("resume", "false"))
     overwrite = parse_flag("overwrite", run.get("overwrite", "false"))
     progress = parse_flag("progress", run.get("progress", "true"))
+    device, mode = _device(run.get("device", "cpu")), run.get("mode", "exact")
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {list(MODES)}")
     try:
         cfg = get_config(variant, **args)
     except KeyError as err:
-        raise KeyError(f"{err.args[0]}; run-level keys: {list(RUN_KEYS)}") from None
+        raise KeyError(f"{err.args[0]}; run-level keys: {list(PORT_RUN_KEYS)}") from None
     out_dir = Path(run.get("out_dir", f"runs/ports-dpsom-{variant}"))
     check_out_dir(out_dir, resume, overwrite)  # before the data and the model: fail in seconds, not after loading
     flags = seed_everything(cfg.random_seed)
+    if mode == "fast":
+        flags.update(fast_mode())
     data = load_dpsom_data(cfg.data_set, run.get("data_dir"), cfg.validation)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, model=DPSOM(cfg).to(device), compiled=mode == "fast")  # the same initial weights on every device
     t0 = time.perf_counter()
     fit(trainer, data.x_train, out_dir, resume=resume, progress=progress, overwrite=overwrite)
+    train_seconds = time.perf_counter() - t0
     metrics = evaluate(trainer.model, data.x_eval, data.y_eval, cfg)
     result = {
-        "side": "ports.dpsom", "variant": variant, "metrics": metrics, "config": cfg.to_dict(),
-        "determinism": flags, "environment": environment(str(next(trainer.model.parameters()).device)),
-        "data_source": data.source, "train_seconds": time.perf_counter() - t0,
+        "side": "ports.dpsom", "variant": variant, "mode": mode, "metrics": metrics, "config": cfg.to_dict(),
+        "determinism": flags, "environment": environment(str(device)), "data_source": data.source,
+        "train_seconds": train_seconds,  # fit alone (its checkpoints included), not the evaluation
     }
     results = Path(run.get("results_dir", "results/runs"))
     results.mkdir(parents=True, exist_ok=True)
-    target = results / f"dpsom-{variant}-{cfg.data_set}-torch-seed{cfg.random_seed}.json"
+    where = "" if (device.type, mode) == ("cpu", "exact") else f"-{device.type}-{mode}"  # the default run keeps its name
+    target = results / f"dpsom-{variant}-{cfg.data_set}-torch{where}-seed{cfg.random_seed}.json"
     tmp = target.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True, default=str))
     os.replace(tmp, target)
