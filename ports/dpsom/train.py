@@ -554,6 +554,8 @@ def _device(name: str) -> torch.device:
         raise ValueError(f"device={name!r}: not a torch device ({err})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name!r}: no CUDA GPU here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device={name!r}: this host has {torch.cuda.device_count()} CUDA GPU(s)")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device={name!r}: expected cpu or cuda[:N]")
     return device
