@@ -25,6 +25,7 @@ what was judged before). An exception of the reference or the harness still prop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import tempfile
@@ -813,27 +814,29 @@ class _Guarded:
             return value
 
         def call(*args, **kwargs):
-            try:
+            with _recorded(name, self._record):
                 out = value(*args, **kwargs)
-            except Unsupported:
-                raise
-            except Exception as err:
-                self._record(name, err)
-                raise
             return _guarded_items(out, name, self._record) if inspect.isgenerator(out) else out
 
         return call
 
 
-def _guarded_items(items: Iterator, name: str, record: Callable[[str, BaseException], None]) -> Iterator:
-    """A port's generator (``optimizer_state_items``), its exceptions recorded as the call's."""
+@contextlib.contextmanager
+def _recorded(name: str, record: Callable[[str, BaseException], None]) -> Iterator[None]:
+    """An exception of the port's call ``name`` recorded, then raised on (:class:`Unsupported` only raised)."""
     try:
-        yield from items
+        yield
     except Unsupported:
         raise
     except Exception as err:
         record(name, err)
         raise
+
+
+def _guarded_items(items: Iterator, name: str, record: Callable[[str, BaseException], None]) -> Iterator:
+    """A port's generator (``optimizer_state_items``), its exceptions recorded as the call's."""
+    with _recorded(name, record):
+        yield from items
 
 
 def _raised_note(err: BaseException) -> str:

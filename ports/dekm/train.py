@@ -19,6 +19,7 @@ Entry point: ``python -m ports.dekm.train --variant conv --data-dir DIR [--out F
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -53,7 +54,12 @@ class Trainer:
         self.model = model if model is not None else DEKM(config)
         self.optimizers: dict[str, TorchAdam] = {}
         self.compiled = compiled
-        self._compiled_terms: Callable[..., dict[str, torch.Tensor]] | None = None
+
+    @functools.cached_property
+    def _compiled_terms(self) -> Callable[..., dict[str, torch.Tensor]]:
+        """:meth:`compute_terms` through ``torch.compile``, made at the first compiled step (an eager
+        trainer never imports the compiler)."""
+        return torch.compile(self.compute_terms)
 
     def optimizer(self, phase: str) -> TorchAdam:
         """The phase's optimizer, created when the phase first steps (``shared_optimizer``: one for both)."""
@@ -93,8 +99,6 @@ class Trainer:
         opt = self.optimizer(phase)
         compute = self.compute_terms
         if self.compiled:  # tensors in: the compiled function sees no numpy array
-            if self._compiled_terms is None:
-                self._compiled_terms = torch.compile(self.compute_terms)
             compute, x, V, t = self._compiled_terms, self._tensor(x), *(None if a is None else self._tensor(a) for a in (V, t))
         terms = compute(phase, x, V, t)
         loss = terms[LOSS_KEYS[phase]]

@@ -22,6 +22,7 @@ or overwrite it, a checkpoint is written only when every tensor in it is finite,
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -117,12 +118,17 @@ class Trainer:
         kernels and fusions: another summation order; measured drift in the README's T6 section)."""
         self.config = config
         self.compiled = compiled
-        self._compiled_terms: Callable[..., dict[str, torch.Tensor]] | None = None
         self.model = model if model is not None else DPSOM(config)
         self.optimizer = TF1Adam(self.model.named_parameters())
         self.generator = generator if generator is not None else device_generator(self.device, config.random_seed)
         self.phase: str | None = None
         self._heads: tuple[np.ndarray, tuple[int, ...], torch.Tensor] | None = None  # see frozen_heads
+
+    @functools.cached_property
+    def _compiled_terms(self) -> Callable[..., dict[str, torch.Tensor]]:
+        """:meth:`compute_terms` through ``torch.compile``, made at the first compiled step (an eager
+        trainer never imports the compiler)."""
+        return torch.compile(self.compute_terms)
 
     def begin_phase(self, phase: str) -> None:
         """Called when the phase changes. Nothing is reset: the original's one Adam (slots, β powers,
@@ -180,11 +186,7 @@ class Trainer:
             self.begin_phase(phase)
         lr = effective_learning_rate(lr_feed, self.optimizer.global_step, cfg.decay_steps, cfg.decay_factor)
         x = self._tensor(x)
-        compute = self.compute_terms
-        if self.compiled:
-            if self._compiled_terms is None:
-                self._compiled_terms = torch.compile(self.compute_terms)
-            compute = self._compiled_terms
+        compute = self._compiled_terms if self.compiled else self.compute_terms
         terms = compute(phase, x, self._eps(eps), None if p is None else self._tensor(p), head)
         loss = terms[{"vae": "loss.elbo", "som_init": "loss.som_init", "joint": "loss.total"}[phase]]
         self.optimizer.zero_grad()
